@@ -1,0 +1,1 @@
+"""The boss: state, scheduling, RPC server, providers, admin CLI."""

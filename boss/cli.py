@@ -1,0 +1,237 @@
+"""The ``boss`` command: parse, call the service, render. Nothing else.
+
+Data goes to stdout (tables, ids, ``--json``); messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from boss import render
+from boss.errors import UserError
+from boss.service import Boss
+from protocol.console import err, main_for
+from protocol.errors import SettingsError
+from protocol.settings import load_settings
+
+out = Console(highlight=False, soft_wrap=True)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="ecloud boss: push tasks, watch them run, manage workers.")
+admin = typer.Typer(no_args_is_help=True, help="Administration: status, context, workers.")
+dbapp = typer.Typer(no_args_is_help=True, help="Database schema.")
+app.add_typer(admin, name="admin")
+app.add_typer(dbapp, name="db")
+
+
+def _boss(ctx: typer.Context) -> Boss:
+    boss = ctx.obj.get("boss")
+    if boss is None:
+        boss = Boss(ctx.obj["settings"])
+        ctx.obj["boss"] = boss
+        ctx.call_on_close(boss.close)
+    return boss
+
+
+def _json(data: Any) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    settings: str | None = typer.Option(
+        None, "--settings", envvar="ECLOUD_SETTINGS",
+        help="Settings TOML file (else ./ecloud.toml, else built-in defaults)."),
+) -> None:
+    ctx.obj = {"settings": load_settings(settings)}
+
+
+@app.command()
+def init(ctx: typer.Context) -> None:
+    """Create the database (SQLite file by default) and apply all migrations."""
+    boss = _boss(ctx)
+    boss.init()
+    err.print(f"database ready: {boss.status()['database']}")
+
+
+@app.command("push-tasks")
+def push_tasks(
+    ctx: typer.Context,
+    file: str = typer.Argument(..., help="JSON array or JSON lines file; '-' for stdin."),
+    skip_existing: bool = typer.Option(
+        False, "--skip-existing", help="Keep tasks whose name already exists; push the rest."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Push tasks: every task in the file, or none (all errors are listed)."""
+    boss = _boss(ctx)
+    result = boss.push(None if file == "-" else Path(file), skip_existing=skip_existing)
+    if as_json:
+        _json(result.__dict__)
+        return
+    out.print(result.pushed)
+    err.print(f"pushed {result.pushed} tasks ({result.ready} ready, {result.edges} "
+              f"dependencies" + (f", {result.skipped} existing skipped)" if result.skipped
+                                 else ")"))
+
+
+@app.command("tasks")
+def list_tasks(
+    ctx: typer.Context,
+    state: str | None = typer.Option(None, "--state", help="Only tasks in this state."),
+    after: int = typer.Option(0, "--after", help="Page: tasks with id greater than this."),
+    limit: int = typer.Option(100, "--limit", min=1, max=100_000, help="Page size."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """List tasks, a page at a time (--after the last id shown for the next page)."""
+    rows = _boss(ctx).tasks(state, after, limit)
+    if as_json:
+        _json(rows)
+        return
+    out.print(render.tasks_table(rows))
+    if len(rows) == limit:
+        err.print(f"more: boss tasks --after {rows[-1]['id']}"
+                  + (f" --state {state}" if state else ""))
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="Task name."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """One task: document, state, attempts, dependencies."""
+    data = _boss(ctx).show(task)
+    if as_json:
+        _json(data)
+        return
+    render.task_detail(out, data)
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    tasks: list[str] = typer.Argument(None, help="Task names."),
+    failed: bool = typer.Option(False, "--failed", help="Retry every failed task."),
+) -> None:
+    """Put failed, upstream_failed or cancelled tasks back in the queue."""
+    if bool(tasks) == failed:
+        raise UserError("name the tasks to retry, or pass --failed (not both)")
+    n = _boss(ctx).retry(None if failed else tasks)
+    out.print(n)
+    err.print(f"{n} tasks back in the queue")
+
+
+@app.command()
+def cancel(ctx: typer.Context, task: str = typer.Argument(..., help="Task name.")) -> None:
+    """Cancel a task; a running attempt is stopped at its worker's next heartbeat."""
+    was = _boss(ctx).cancel(task)
+    err.print(f"cancelled {task} (was {was}); tasks depending on it are upstream_failed")
+
+
+@admin.command()
+def status(ctx: typer.Context,
+           as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Counts of tasks by state, workers by state, and the context."""
+    data = _boss(ctx).status()
+    if as_json:
+        _json(data)
+        return
+    render.status(out, data)
+
+
+@admin.command("show-context")
+def show_context(ctx: typer.Context,
+                 as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """The Context table: datastore, buckets, boss address."""
+    boss = _boss(ctx)
+    data = boss.context()
+    buckets, default = boss.buckets()
+    if as_json:
+        _json({"context": data, "buckets": buckets, "datastore": default})
+        return
+    table = Table("key", "value", title="context")
+    for k, v in data.items():
+        table.add_row(k, v)
+    out.print(table)
+    btable = Table("bucket", "url", title="buckets in effect")
+    for k, v in sorted(buckets.items()):
+        btable.add_row(k, v)
+    out.print(btable)
+
+
+@admin.command("set-datastore")
+def set_datastore(ctx: typer.Context, url: str = typer.Argument(
+        ..., help="file:///path, sftp://user@host/path, s3://bucket/prefix or gs://bucket")
+        ) -> None:
+    """Set the datastore: the URL of the default bucket."""
+    _boss(ctx).set_datastore(url)
+    err.print(f"datastore set to {url}")
+
+
+@admin.command("set-bucket")
+def set_bucket(ctx: typer.Context, name: str = typer.Argument(..., help="Bucket name."),
+               url: str = typer.Argument(..., help="Datastore URL for it.")) -> None:
+    """Map a bucket name (as in `name:path` in documents) to a datastore URL."""
+    _boss(ctx).set_bucket(name, url)
+    err.print(f"bucket {name} -> {url}")
+
+
+@admin.command("drop-context")
+def drop_context(ctx: typer.Context, keys: list[str] = typer.Argument(
+        None, help="Keys to drop (default: all).")) -> None:
+    """Drop context keys (all of them by default), as ecloud's drop_context."""
+    n = _boss(ctx).drop_context(keys or None)
+    err.print(f"dropped {n} context keys")
+
+
+@admin.command("show-workers")
+def show_workers(
+    ctx: typer.Context,
+    all_: bool = typer.Option(False, "--all", help="Include terminated workers."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Workers: provider, state, address, slots, last seen, current tasks."""
+    rows = _boss(ctx).workers(include_terminated=all_)
+    if as_json:
+        _json(rows)
+        return
+    out.print(render.workers_table(rows))
+
+
+@admin.command("add-worker")
+def add_worker(
+    ctx: typer.Context,
+    token_file: Path = typer.Option(..., "--token-file", help="Write the new token here."),
+    name: str | None = typer.Option(None, "--name", help="Worker name (default generated)."),
+    slots: int = typer.Option(1, "--slots", min=1, help="Slots the worker will offer."),
+) -> None:
+    """Register a worker you start yourself; its token goes to --token-file (0600)."""
+    wid, wname, token = _boss(ctx).add_worker(name, "manual", slots)
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.touch(mode=0o600, exist_ok=True)
+    token_file.chmod(0o600)
+    token_file.write_text(token + "\n")
+    out.print(wid)
+    err.print(f"worker {wname} registered; token in {token_file}")
+
+
+@dbapp.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Apply migrations up to the newest (alembic upgrade head)."""
+    _boss(ctx).init()
+    err.print("database at the newest schema")
+
+
+main = main_for(app, (UserError, SettingsError), "boss")
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,103 @@
+"""Rich renderings of service results, for the CLI (no logic, no queries)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+STATE_STYLE = {
+    "waiting": "dim", "ready": "cyan", "running": "yellow", "succeeded": "green",
+    "failed": "red", "upstream_failed": "magenta", "cancelled": "dim red",
+}
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    if s < 120:
+        return f"{s:.0f}s ago"
+    if s < 7200:
+        return f"{s / 60:.0f}m ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _state(s: str) -> str:
+    return f"[{STATE_STYLE.get(s, '')}]{s}[/]"
+
+
+def tasks_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("id", "name", "state", "priority", "tries", "updated", "reason")
+    for r in rows:
+        table.add_row(str(r["id"]), r["name"], _state(r["state"]), str(r["priority"]),
+                      f"{r['tries']}/{r['max_tries']}" + (f" +{r['lost']} lost" if r["lost"]
+                                                          else ""),
+                      _ago(r["updated_at"]), (r["reason"] or "")[:60])
+    return table
+
+
+def task_detail(out: Console, d: dict[str, Any]) -> None:
+    out.print(f"[bold]{d['name']}[/] (id {d['id']}): {_state(d['state'])}  "
+              f"priority {d['priority']}  tries {d['tries']}/{d['max_tries']}  "
+              f"lost {d['lost']}")
+    if d["reason"]:
+        out.print(f"reason: {d['reason']}", markup=False)
+    if d["parents"]:
+        out.print("after: " + ", ".join(f"{p['name']} ({p['state']})" for p in d["parents"]),
+                  markup=False)
+    if d["children"]:
+        out.print("before: " + ", ".join(c["name"] for c in d["children"]), markup=False)
+    out.print("document:")
+    out.print_json(json.dumps(d["document"]))
+    if not d["attempts"]:
+        return
+    table = Table("attempt", "#", "worker", "state", "started", "wall s", "exit", "reason",
+                  title="attempts")
+    for a in d["attempts"]:
+        wall = a["metrics"].get("wall")
+        table.add_row(str(a["id"]), str(a["number"]), str(a["worker_id"] or "-"),
+                      _state(a["state"]), _ago(a["started_at"]),
+                      f"{wall:.2f}" if wall is not None else "-",
+                      "-" if a["exit_status"] is None else str(a["exit_status"]),
+                      (a["reason"] or "")[:60])
+    out.print(table)
+    last = d["attempts"][-1]
+    if last.get("stderr_tail"):
+        out.print("stderr (last lines):")
+        out.print(last["stderr_tail"], markup=False, highlight=False)
+
+
+def status(out: Console, d: dict[str, Any]) -> None:
+    counts = d["tasks"]
+    total = sum(counts.values())
+    table = Table("state", "tasks", title=f"tasks ({total})")
+    for state, n in counts.items():
+        table.add_row(_state(state), str(n))
+    out.print(table)
+    wt = Table("state", "workers", title="workers")
+    for state, n in sorted(d["workers"].items()):
+        wt.add_row(state, str(n))
+    out.print(wt)
+    for e in d["worker_errors"]:
+        out.print(f"[red]{e['count']} workers not created:[/] {e['error']}")
+    if d["context"]:
+        ct = Table("key", "value", title="context")
+        for k, v in d["context"].items():
+            ct.add_row(k, v)
+        out.print(ct)
+    out.print(f"database: {d['database']}", markup=False)
+
+
+def workers_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("id", "name", "provider", "state", "address", "slots", "last seen",
+                  "running", "tasks", "error")
+    for w in rows:
+        table.add_row(str(w["id"]), w["name"], w["provider"], w["state"],
+                      w["address"] or w["reference"] or "-", str(w["slots"]),
+                      _ago(w["last_seen"]), str(w["running"]), ", ".join(w["tasks"]),
+                      (w["error"] or "")[:50])
+    return table

@@ -1,0 +1,235 @@
+"""The boss service: every operation the CLI and the RPC server offer.
+
+Each public method is one transaction through the store; nothing here holds
+a query. The CLI and the RPC server call these and nothing below them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from boss import push as pushing
+from boss.errors import UserError
+from boss.lifecycle import TaskState
+from boss.store import Store, reads, tasks, workers
+from boss.store import events as event_rows
+from boss.store.push import PushResult, insert_plan
+from protocol.document import BUCKET_RE
+from protocol.messages import Assignment, Result
+from protocol.settings import Settings, absolute_url
+
+DEFAULT_BUCKET = "default"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    id: int
+    name: str
+    slots: int
+
+
+class Boss:
+    """The boss's operations over one store."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or Store.open(settings.boss.database_url)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # --- set-up ---------------------------------------------------------
+
+    def init(self) -> None:
+        """Create the database (if needed) and apply every migration."""
+        self.store.upgrade()
+
+    # --- tasks ----------------------------------------------------------
+
+    def push(self, path: Path | None, *, stdin: IO[bytes] | None = None,
+             skip_existing: bool = False) -> PushResult:
+        """Push a file (or standard input): all tasks or none."""
+        spooled = None
+        if path is None:
+            spooled = pushing.spool_stdin(stdin or sys.stdin.buffer,
+                                          Path(self.settings.worker.workdir).parent / "spool")
+            path = spooled
+        try:
+            plan = pushing.plan(path, "<stdin>" if spooled else str(path), DEFAULT_BUCKET)
+            with self.store.tx() as conn:
+                return insert_plan(conn, plan, skip_existing=skip_existing)
+        finally:
+            if spooled:
+                spooled.unlink(missing_ok=True)
+
+    def status(self) -> dict[str, Any]:
+        with self.store.ro() as conn:
+            return {
+                "tasks": reads.task_counts(conn),
+                "workers": workers.counts(conn),
+                "worker_errors": [{"error": e, "count": n} for e, n in workers.errors(conn)],
+                "context": workers.context(conn),
+                "database": self.store.engine.url.render_as_string(hide_password=True),
+            }
+
+    def tasks(self, state: str | None = None, after_id: int = 0,
+              limit: int = 100) -> list[dict[str, Any]]:
+        if state is not None and state not in {str(s) for s in TaskState}:
+            raise UserError(f"--state {state!r} is not a task state; one of: "
+                            + ", ".join(str(s) for s in TaskState))
+        with self.store.ro() as conn:
+            return reads.tasks(conn, state, after_id, limit)
+
+    def show(self, name: str) -> dict[str, Any]:
+        with self.store.ro() as conn:
+            return reads.task(conn, name)
+
+    def cancel(self, name: str) -> TaskState:
+        with self.store.tx() as conn:
+            return tasks.cancel(conn, name, time.time())
+
+    def retry(self, names: Sequence[str] | None) -> int:
+        with self.store.tx() as conn:
+            return tasks.retry(conn, names, time.time())
+
+    # --- context and datastore ------------------------------------------
+
+    def context(self) -> dict[str, str]:
+        with self.store.ro() as conn:
+            return workers.context(conn)
+
+    def set_context(self, key: str, value: str) -> None:
+        with self.store.tx() as conn:
+            workers.set_context(conn, key, value)
+
+    def set_datastore(self, url: str) -> None:
+        """The default bucket's URL (ecloud's ``set_datastore``)."""
+        self.set_context("datastore", _check_url(url))
+
+    def set_bucket(self, name: str, url: str) -> None:
+        if not BUCKET_RE.match(name) or name == DEFAULT_BUCKET:
+            raise UserError(f"bucket name {name!r} is not valid (letters, digits, _ . -; "
+                            f"{DEFAULT_BUCKET!r} is the datastore: use set-datastore)")
+        self.set_context(f"bucket.{name}", _check_url(url))
+
+    def drop_context(self, keys: Sequence[str] | None = None) -> int:
+        with self.store.tx() as conn:
+            return workers.drop_context(conn, keys)
+
+    def buckets(self) -> tuple[dict[str, str], str]:
+        """Bucket name -> URL (settings overridden by Context), and the default URL."""
+        ctx = self.context()
+        mapping = dict(self.settings.datastore.buckets)
+        for key, value in ctx.items():
+            if key.startswith("bucket."):
+                mapping[key.removeprefix("bucket.")] = value
+        default = ctx.get("datastore", self.settings.datastore.default)
+        mapping[DEFAULT_BUCKET] = default
+        return mapping, default
+
+    # --- workers ----------------------------------------------------------
+
+    def add_worker(self, name: str | None = None, provider: str = "manual", slots: int = 1,
+                   reference: str | None = None) -> tuple[int, str, str]:
+        """Register a worker; return (id, name, token). Only the token's hash is kept."""
+        token = new_token()
+        name = name or f"{provider}-{secrets.token_hex(4)}"
+        with self.store.tx() as conn:
+            wid = workers.create(conn, name=name, provider=provider, slots=slots,
+                                 token_hash=hash_token(token), now=time.time(),
+                                 reference=reference)
+            event_rows.record(conn, "worker.created", worker_id=wid,
+                              data={"provider": provider, "name": name})
+        return wid, name, token
+
+    def workers(self, include_terminated: bool = False) -> list[dict[str, Any]]:
+        with self.store.ro() as conn:
+            return workers.listing(conn, include_terminated)
+
+    def authenticate(self, token: str, address: str | None = None,
+                     slots: int | None = None) -> WorkerIdentity | None:
+        """Bind a connection to its worker (``hello``); None for an unknown token."""
+        now = time.time()
+        with self.store.tx() as conn:
+            row = workers.by_token(conn, hash_token(token))
+            if row is None:
+                return None
+            values: dict[str, Any] = {"last_seen": now, "state": "idle"}
+            if address:
+                values["address"] = address
+            if slots:
+                values["slots"] = slots
+            workers.update_worker(conn, row.id, **values)
+            event_rows.record(conn, "worker.joined", worker_id=row.id, ts=now,
+                              data={"address": address, "slots": slots or row.slots})
+            return WorkerIdentity(row.id, row.name, slots or row.slots)
+
+    def goodbye(self, worker_id: int, reason: str = "") -> None:
+        now = time.time()
+        with self.store.tx() as conn:
+            tasks.expire(conn, now, worker_id=worker_id)
+            workers.update_worker(conn, worker_id, state="terminated", last_seen=now)
+            event_rows.record(conn, "worker.left", worker_id=worker_id, ts=now,
+                              data={"reason": reason})
+
+    # --- transitions (used by the RPC server) -----------------------------
+
+    def claim(self, worker_id: int, n: int) -> list[Assignment]:
+        now = time.time()
+        with self.store.tx() as conn:
+            got = tasks.claim(conn, worker_id, n, self.settings.boss.lease_seconds, now)
+            workers.update_worker(conn, worker_id, last_seen=now,
+                                  state="busy" if got else "idle")
+            return got
+
+    def heartbeat(self, worker_id: int, attempt_ids: Sequence[int]) -> list[int]:
+        now = time.time()
+        with self.store.tx() as conn:
+            workers.update_worker(conn, worker_id, last_seen=now)
+            return tasks.heartbeat(conn, worker_id, attempt_ids,
+                                   self.settings.boss.lease_seconds, now)
+
+    def complete(self, worker_id: int | None, result: Result) -> tasks.Ended | None:
+        with self.store.tx() as conn:
+            return tasks.complete(conn, worker_id, result, time.time())
+
+    def complete_many(self, items: Sequence[tuple[int | None, Result]]
+                      ) -> list[tasks.Ended | None]:
+        """Group commit: many completions in one transaction."""
+        now = time.time()
+        with self.store.tx() as conn:
+            return [tasks.complete(conn, wid, r, now) for wid, r in items]
+
+    def record_event(self, kind: str, *, attempt_id: int | None = None,
+                     task_id: int | None = None, worker_id: int | None = None,
+                     data: dict[str, Any] | None = None) -> None:
+        with self.store.tx() as conn:
+            event_rows.record(conn, kind, attempt_id=attempt_id, task_id=task_id,
+                              worker_id=worker_id, data=data)
+
+    def expire_leases(self) -> list[tasks.Ended]:
+        with self.store.tx() as conn:
+            return tasks.expire(conn, time.time())
+
+
+def _check_url(url: str) -> str:
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in ("file", "sftp", "s3", "gs"):
+        raise UserError(f"datastore URL {url!r}: use file:///path, sftp://user@host/path, "
+                        "s3://bucket/prefix or gs://bucket/prefix")
+    return absolute_url(url, Path.cwd()) if scheme == "file" else url

@@ -1,0 +1,66 @@
+"""The store: the only place that holds queries.
+
+:class:`Store` owns the engine and hands out transactions; the modules beside
+it (``tasks``, ``push``, ``workers``, ``reads``, ``events``) are functions over
+a connection inside one such transaction. Database errors are translated
+here into :class:`boss.errors.DatabaseError`, never leaked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+from boss import db
+from boss.errors import DatabaseError, NotInitialised
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        return cls(db.make_engine(url))
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        """One write transaction: committed on success, rolled back on any error."""
+        with self._translate(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def ro(self) -> Iterator[Connection]:
+        """A read-only transaction (takes no write lock on SQLite)."""
+        with (
+            self._translate(),
+            self.engine.connect().execution_options(readonly=True) as conn,
+            conn.begin(),
+        ):
+            yield conn
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except OperationalError as exc:
+            text = str(exc.orig)
+            if "no such table" in text or "does not exist" in text and "relation" in text:
+                raise NotInitialised(
+                    f"the database {self.engine.url!r} has no ecloud tables: run `boss init`"
+                ) from exc
+            raise DatabaseError(f"database {self.engine.url!r}: {text}") from exc
+        except DBAPIError as exc:
+            raise DatabaseError(f"database {self.engine.url!r}: {exc.orig}") from exc
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"database {self.engine.url!r}: {exc}") from exc
+
+    def upgrade(self) -> None:
+        db.upgrade(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,257 @@
+"""Task and attempt transitions, each inside the caller's one transaction.
+
+The running attempt row is the lock and the fence: every ending (complete,
+cancel, lease expiry) is an ``UPDATE attempts ... WHERE state = 'running'``,
+so exactly one of several racing endings wins, and a report for an attempt
+that is no longer running is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Select, exists, insert, select, update
+from sqlalchemy.orm import aliased
+
+from boss.errors import InvalidState, NotFound
+from boss.lifecycle import RETRYABLE, AttemptState, TaskState, after_attempt
+from boss.models import Attempt, Task, TaskEdge
+from boss.store import events
+from protocol.messages import Assignment, Result
+
+A = AttemptState
+T = TaskState
+
+
+@dataclass(frozen=True)
+class Ended:
+    """An attempt that ended, and what it did to its task."""
+
+    attempt_id: int
+    task_id: int
+    task_state: TaskState
+
+
+def claim(conn: Connection, worker_id: int, n: int, lease: float, now: float) -> list[Assignment]:
+    """Atomically move up to ``n`` ready tasks to running and open their attempts."""
+    if n <= 0:
+        return []
+    pick = (
+        select(Task.id)
+        .where(Task.state == T.READY)
+        .order_by(Task.priority.desc(), Task.id)
+        .limit(n)
+        .with_for_update(skip_locked=True)
+    )
+    rows = conn.execute(
+        update(Task)
+        .where(Task.id.in_(pick.scalar_subquery()))
+        .values(state=T.RUNNING, updated_at=now)
+        .returning(Task.id, Task.name, Task.document, Task.tries, Task.lost, Task.priority)
+    ).all()
+    if not rows:
+        return []
+    # RETURNING order is unspecified: hand them out in claim order
+    rows.sort(key=lambda r: (-r.priority, r.id))
+    attempts = conn.execute(
+        insert(Attempt).returning(Attempt.id, Attempt.task_id, sort_by_parameter_order=True),
+        [{"task_id": r.id, "number": r.tries + r.lost + 1, "worker_id": worker_id,
+          "state": A.RUNNING, "started_at": now, "lease_expires_at": now + lease}
+         for r in rows],
+    ).all()
+    by_task = {r.id: r for r in rows}
+    out = []
+    for attempt_id, task_id in attempts:
+        r = by_task[task_id]
+        out.append(Assignment(attempt_id, task_id, r.name, r.tries + r.lost + 1,
+                              json.loads(r.document)))
+    events.record_many(conn, [{"kind": "task.started", "task_id": a.task_id,
+                               "attempt_id": a.attempt_id, "worker_id": worker_id,
+                               "data": {"attempt": a.number}, "ts": now} for a in out])
+    return out
+
+
+def heartbeat(conn: Connection, worker_id: int, attempt_ids: Sequence[int], lease: float,
+              now: float) -> list[int]:
+    """Renew the leases of the worker's running attempts; return those to cancel."""
+    if not attempt_ids:
+        return []
+    renewed = conn.execute(
+        update(Attempt)
+        .where(Attempt.id.in_(attempt_ids), Attempt.state == A.RUNNING,
+               Attempt.worker_id == worker_id)
+        .values(lease_expires_at=now + lease)
+        .returning(Attempt.id)
+    ).scalars().all()
+    return sorted(set(attempt_ids) - set(renewed))
+
+
+def complete(conn: Connection, worker_id: int | None, result: Result, now: float) -> Ended | None:
+    """End an attempt with the worker's result; None when it is no longer current."""
+    state = {"succeeded": A.SUCCEEDED, "failed": A.FAILED, "timeout": A.TIMEOUT,
+             "cancelled": A.CANCELLED}[result.outcome]
+    cond = [Attempt.id == result.attempt_id, Attempt.state == A.RUNNING]
+    if worker_id is not None:
+        cond.append(Attempt.worker_id == worker_id)
+    row = conn.execute(
+        update(Attempt)
+        .where(*cond)
+        .values(state=state, finished_at=now, exit_status=result.exit_status,
+                reason=result.reason or None, metrics=json.dumps(result.metrics),
+                stdout_tail=result.stdout_tail or None, stderr_tail=result.stderr_tail or None)
+        .returning(Attempt.task_id)
+    ).first()
+    if row is None:
+        return None
+    task_state = _end(conn, row.task_id, state, result.reason, now)
+    events.record(conn, "task.finished", task_id=row.task_id, attempt_id=result.attempt_id,
+                  worker_id=worker_id, ts=now,
+                  data={"outcome": result.outcome, "exit_status": result.exit_status,
+                        "task_state": str(task_state), "reason": result.reason,
+                        **result.metrics})
+    return Ended(result.attempt_id, row.task_id, task_state)
+
+
+def expire(conn: Connection, now: float, worker_id: int | None = None) -> list[Ended]:
+    """Mark running attempts past their lease (or all of one worker's) lost; requeue."""
+    cond = [Attempt.state == A.RUNNING]
+    cond.append(Attempt.worker_id == worker_id if worker_id is not None
+                else Attempt.lease_expires_at < now)
+    reason = "worker lost" if worker_id is not None else "lease expired"
+    rows = conn.execute(
+        update(Attempt).where(*cond)
+        .values(state=A.LOST, finished_at=now, reason=reason)
+        .returning(Attempt.id, Attempt.task_id, Attempt.worker_id)
+    ).all()
+    ended = []
+    for r in rows:
+        st = _end(conn, r.task_id, A.LOST, reason, now)
+        events.record(conn, "task.lost", task_id=r.task_id, attempt_id=r.id,
+                      worker_id=r.worker_id, ts=now, data={"task_state": str(st)})
+        ended.append(Ended(r.id, r.task_id, st))
+    return ended
+
+
+def _end(conn: Connection, task_id: int, attempt: AttemptState, reason: str | None,
+         now: float) -> TaskState:
+    task = conn.execute(
+        select(Task.tries, Task.lost, Task.max_tries).where(Task.id == task_id)
+    ).one()
+    out = after_attempt(attempt, task.tries, task.lost, task.max_tries)
+    conn.execute(
+        update(Task).where(Task.id == task_id)
+        .values(state=out.task_state, tries=out.tries, lost=out.lost, updated_at=now,
+                reason=None if out.task_state is T.SUCCEEDED else (reason or None))
+    )
+    if out.task_state is T.SUCCEEDED:
+        release(conn, [task_id], now)
+    if out.cascade:
+        cascade(conn, [task_id], now)
+    return out.task_state
+
+
+def release(conn: Connection, parent_ids: Iterable[int], now: float) -> None:
+    """Parents succeeded: decrement their children's counters, make the free ones ready."""
+    for pid in parent_ids:
+        kids = select(TaskEdge.child_id).where(TaskEdge.parent_id == pid).scalar_subquery()
+        conn.execute(update(Task).where(Task.id.in_(kids))
+                     .values(pending_parents=Task.pending_parents - 1))
+        conn.execute(update(Task)
+                     .where(Task.id.in_(kids), Task.state == T.WAITING,
+                            Task.pending_parents <= 0)
+                     .values(state=T.READY, updated_at=now))
+
+
+def _descendants(roots: Sequence[int]) -> Select[tuple[int]]:
+    seed = select(TaskEdge.child_id.label("id")).where(TaskEdge.parent_id.in_(roots))
+    tree = seed.cte("tree", recursive=True)
+    edge = aliased(TaskEdge)
+    tree = tree.union(select(edge.child_id).where(edge.parent_id == tree.c.id))
+    return select(tree.c.id)
+
+
+def cascade(conn: Connection, roots: Sequence[int], now: float) -> int:
+    """Every waiting or ready descendant of ``roots`` becomes upstream_failed."""
+    result = conn.execute(
+        update(Task)
+        .where(Task.id.in_(_descendants(roots)), Task.state.in_([T.WAITING, T.READY]))
+        .values(state=T.UPSTREAM_FAILED, updated_at=now)
+    )
+    return int(result.rowcount or 0)
+
+
+def find(conn: Connection, name: str) -> tuple[int, TaskState]:
+    row = conn.execute(select(Task.id, Task.state).where(Task.name == name)).first()
+    if row is None:
+        raise NotFound(f"no task named {name!r} (see `boss tasks`)")
+    return row.id, TaskState(row.state)
+
+
+def cancel(conn: Connection, name: str, now: float) -> TaskState:
+    """Cancel a task (a running attempt is told at its next heartbeat)."""
+    task_id, state = find(conn, name)
+    if state not in (T.WAITING, T.READY, T.RUNNING):
+        raise InvalidState(f"task {name!r} is {state}; only waiting, ready or running "
+                           "tasks can be cancelled")
+    conn.execute(update(Attempt).where(Attempt.task_id == task_id, Attempt.state == A.RUNNING)
+                 .values(state=A.CANCELLED, finished_at=now, reason="cancelled by the user"))
+    conn.execute(update(Task).where(Task.id == task_id)
+                 .values(state=T.CANCELLED, updated_at=now, reason="cancelled by the user"))
+    n = cascade(conn, [task_id], now)
+    events.record(conn, "task.cancelled", task_id=task_id, ts=now,
+                  data={"was": str(state), "upstream_failed": n})
+    return state
+
+
+def retry(conn: Connection, names: Sequence[str] | None, now: float) -> int:
+    """Put failed / upstream_failed / cancelled tasks back in the queue.
+
+    ``names=None`` retries every failed task. Descendants that were
+    upstream_failed only because of these tasks go back to waiting.
+    """
+    if names is None:
+        ids = list(conn.execute(select(Task.id).where(Task.state == T.FAILED)).scalars())
+    else:
+        ids = []
+        for name in names:
+            task_id, state = find(conn, name)
+            if state not in RETRYABLE:
+                raise InvalidState(f"task {name!r} is {state}; only failed, upstream_failed "
+                                   "or cancelled tasks can be retried")
+            ids.append(task_id)
+    if not ids:
+        return 0
+    parent = aliased(Task)
+    bad_parent = exists().where(
+        TaskEdge.child_id == Task.id, TaskEdge.parent_id == parent.id,
+        parent.state.in_([T.FAILED, T.UPSTREAM_FAILED, T.CANCELLED]),
+    )
+    moved = 0
+    for chunk in (ids[i : i + 900] for i in range(0, len(ids), 900)):
+        conn.execute(update(Task).where(Task.id.in_(chunk))
+                     .values(state=T.WAITING, tries=0, lost=0, reason=None, updated_at=now))
+        # a retried task may itself wait on a failed parent: it stays upstream_failed
+        conn.execute(update(Task).where(Task.id.in_(chunk), bad_parent)
+                     .values(state=T.UPSTREAM_FAILED))
+        moved += len(chunk)
+        # level by level, descendants with no failed parent left return to waiting
+        for _ in range(100_000):
+            r = conn.execute(
+                update(Task)
+                .where(Task.id.in_(_descendants(chunk)), Task.state == T.UPSTREAM_FAILED,
+                       ~bad_parent)
+                .values(state=T.WAITING, updated_at=now)
+            )
+            if not r.rowcount:
+                break
+        # waiting tasks whose parents all succeeded are ready
+        conn.execute(update(Task)
+                     .where(Task.state == T.WAITING, Task.pending_parents <= 0,
+                            Task.id.in_(select(Task.id).where(Task.id.in_(chunk))
+                                        .union(_descendants(chunk))))
+                     .values(state=T.READY))
+    events.record_many(conn, [{"kind": "task.retried", "task_id": i, "ts": now} for i in ids])
+    return moved
+

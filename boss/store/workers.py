@@ -1,0 +1,97 @@
+"""Workers and the Context table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from boss.errors import NotFound
+from boss.lifecycle import AttemptState
+from boss.models import Attempt, Context, Task, Worker
+
+
+def create(conn: Connection, *, name: str, provider: str, slots: int, token_hash: str,
+           now: float, reference: str | None = None, state: str = "provisioning") -> int:
+    return int(conn.execute(
+        insert(Worker).returning(Worker.id),
+        {"name": name, "provider": provider, "slots": slots, "token_hash": token_hash,
+         "reference": reference, "state": state, "created_at": now},
+    ).scalar_one())
+
+
+def by_token(conn: Connection, token_hash: str) -> Any:
+    return conn.execute(
+        select(Worker).where(Worker.token_hash == token_hash,
+                             Worker.state.not_in(["terminated"]))
+    ).first()
+
+
+def by_name_or_id(conn: Connection, ref: str) -> Any:
+    cond = Worker.name == ref
+    if ref.isdigit():
+        cond = cond | (Worker.id == int(ref))
+    row = conn.execute(select(Worker).where(cond)).first()
+    if row is None:
+        raise NotFound(f"no worker {ref!r} (see `boss admin show-workers`)")
+    return row
+
+
+def update_worker(conn: Connection, worker_id: int, **values: Any) -> None:
+    conn.execute(update(Worker).where(Worker.id == worker_id).values(**values))
+
+
+def listing(conn: Connection, include_terminated: bool = False) -> list[dict[str, Any]]:
+    running = (
+        select(Attempt.worker_id, func.count().label("n"))
+        .where(Attempt.state == AttemptState.RUNNING)
+        .group_by(Attempt.worker_id).subquery()
+    )
+    q = (select(Worker, func.coalesce(running.c.n, 0).label("running"))
+         .outerjoin(running, running.c.worker_id == Worker.id).order_by(Worker.id))
+    if not include_terminated:
+        q = q.where(Worker.state != "terminated")
+    out = []
+    for w, n in conn.execute(q).tuples():
+        names = conn.execute(
+            select(Task.name).join(Attempt, Attempt.task_id == Task.id)
+            .where(Attempt.worker_id == w.id, Attempt.state == AttemptState.RUNNING)
+            .limit(5)).scalars().all() if n else []
+        out.append({"id": w.id, "name": w.name, "provider": w.provider, "state": w.state,
+                    "reference": w.reference, "address": w.address, "slots": w.slots,
+                    "created_at": w.created_at, "last_seen": w.last_seen, "error": w.error,
+                    "running": int(n), "tasks": list(names)})
+    return out
+
+
+def counts(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(select(Worker.state, func.count()).group_by(Worker.state)).all()
+    return {state: int(n) for state, n in rows}
+
+
+def errors(conn: Connection) -> list[tuple[str, int]]:
+    """Provider errors of workers that were never created, grouped."""
+    rows = conn.execute(
+        select(Worker.error, func.count()).where(Worker.error.is_not(None),
+                                                 Worker.state == "failed")
+        .group_by(Worker.error)).all()
+    return [(str(e), int(n)) for e, n in rows]
+
+
+def context(conn: Connection) -> dict[str, str]:
+    return {k: v for k, v in conn.execute(select(Context.key, Context.value).order_by(Context.key))}
+
+
+def set_context(conn: Connection, key: str, value: str) -> None:
+    if conn.execute(select(Context.key).where(Context.key == key)).first():
+        conn.execute(update(Context).where(Context.key == key).values(value=value))
+    else:
+        conn.execute(insert(Context), {"key": key, "value": value})
+
+
+def drop_context(conn: Connection, keys: Sequence[str] | None = None) -> int:
+    stmt = delete(Context)
+    if keys:
+        stmt = stmt.where(Context.key.in_(keys))
+    return int(conn.execute(stmt).rowcount or 0)

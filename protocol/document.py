@@ -1,0 +1,237 @@
+"""The task document: what a user pushes, what a worker runs.
+
+Sisyphus's format (``image``, ``inputs``, ``outputs``, ``commands``) extended
+with ``name``, ``after``, ``retries``, ``timeout``, ``priority``, ``env`` and
+the storage mode (``storage`` + ``workdir``, hyperflow's cloud / nfs / local).
+
+Three levels of path (sisyphus): *remote* ``bucket:path`` in a datastore,
+*local* on the worker host (managed by the worker), *internal* where the
+command sees the file (inside the container, or relative to the attempt's
+work directory when there is no ``image``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-][A-Za-z0-9_.:@+/-]*$")
+MAX_NAME = 200
+MAX_PATH = 4096
+
+
+@dataclass(frozen=True, order=True)
+class RemotePath:
+    """A ``bucket:path`` reference; ``is_dir`` when it ends in ``/``."""
+
+    bucket: str
+    path: str
+
+    @property
+    def is_dir(self) -> bool:
+        return self.path.endswith("/")
+
+    def __str__(self) -> str:
+        return f"{self.bucket}:{self.path}"
+
+    def contains(self, other: RemotePath) -> bool:
+        """True when ``other`` is this path or lies under it (directories only)."""
+        if self.bucket != other.bucket:
+            return False
+        if self.path == other.path or self.path.rstrip("/") == other.path.rstrip("/"):
+            return True
+        return self.is_dir and other.path.startswith(self.path)
+
+
+def _check_relative(path: str, what: str) -> str:
+    if not path:
+        raise ValueError(f"{what} is empty")
+    if len(path) > MAX_PATH:
+        raise ValueError(f"{what} is longer than {MAX_PATH} characters")
+    if "\x00" in path:
+        raise ValueError(f"{what} contains a NUL byte")
+    parts = path.split("/")
+    if ".." in parts:
+        raise ValueError(f"{what} contains '..'")
+    return path
+
+
+def parse_remote(key: str, default_bucket: str = "default") -> RemotePath:
+    """Parse ``bucket:path`` (or a bare ``path`` in the default bucket)."""
+    if "://" in key:
+        raise ValueError(
+            f"remote path {key!r} is a URL; name a bucket instead "
+            "(`boss admin set-bucket NAME URL`, then use NAME:path)"
+        )
+    bucket, sep, path = key.partition(":")
+    if not sep:
+        bucket, path = default_bucket, key
+    if not BUCKET_RE.match(bucket):
+        raise ValueError(f"bucket name {bucket!r} is not valid (letters, digits, _ . -)")
+    if path.startswith("/"):
+        raise ValueError(f"remote path {key!r} must be relative to its bucket (no leading '/')")
+    _check_relative(path.rstrip("/") or path, f"remote path {key!r}")
+    if path in ("", "/"):
+        raise ValueError(f"remote path {key!r} names no object")
+    return RemotePath(bucket, path)
+
+
+def check_internal(path: str) -> str:
+    """An internal path: absolute (container) or relative (work dir), never with ``..``."""
+    return _check_relative(path, f"internal path {path!r}")
+
+
+class Command(BaseModel):
+    """One command: an argv list and optional redirections to internal paths."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: list[str] = Field(min_length=1)
+    stdin: str | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    shell: bool = False
+
+    @field_validator("command")
+    @classmethod
+    def _argv(cls, argv: list[str]) -> list[str]:
+        for arg in argv:
+            if "\x00" in arg:
+                raise ValueError("an argument contains a NUL byte")
+        if not argv[0]:
+            raise ValueError("the program (first element) is empty")
+        return argv
+
+    @field_validator("stdin", "stdout", "stderr")
+    @classmethod
+    def _redirect(cls, path: str | None) -> str | None:
+        return None if path is None else check_internal(path)
+
+
+Storage = Literal["cloud", "nfs", "local"]
+
+
+class TaskDocument(BaseModel):
+    """A task as pushed. Unknown keys are refused so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
+    image: str | None = Field(default=None, min_length=1, max_length=512)
+    inputs: dict[str, str] = Field(default_factory=dict)
+    outputs: dict[str, str] = Field(default_factory=dict)
+    commands: list[Command] = Field(min_length=1)
+    after: list[str] = Field(default_factory=list)
+    retries: int = Field(default=0, ge=0, le=100)
+    timeout: float | None = Field(default=None, gt=0)
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
+    env: dict[str, str] = Field(default_factory=dict)
+    storage: Storage = "cloud"
+    workdir: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str | None) -> str | None:
+        if name is not None and not NAME_RE.match(name):
+            raise ValueError(
+                "a name may hold letters, digits and _ . : @ + - / and must not start with '/'"
+            )
+        return name
+
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _paths(cls, mapping: dict[str, str]) -> dict[str, str]:
+        for remote, internal in mapping.items():
+            try:
+                parse_remote(remote)
+                check_internal(internal)
+            except ValueError as exc:
+                raise ValueError(f"{remote!r}: {exc}") from None
+        return mapping
+
+    @field_validator("after")
+    @classmethod
+    def _after(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name:
+                raise ValueError("an empty task name")
+        return names
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"environment variable name {key!r} is not valid")
+        return env
+
+    @model_validator(mode="after")
+    def _storage(self) -> TaskDocument:
+        if self.storage != "cloud" and not self.workdir:
+            raise ValueError(f"storage {self.storage!r} needs a 'workdir'")
+        if self.workdir is not None and not self.workdir.startswith("/"):
+            raise ValueError("workdir must be an absolute path on the worker host")
+        if self.workdir is not None and ".." in self.workdir.split("/"):
+            raise ValueError("workdir contains '..'")
+        return self
+
+    def remote_inputs(self, default_bucket: str = "default") -> list[RemotePath]:
+        return [parse_remote(k, default_bucket) for k in self.inputs]
+
+    def remote_outputs(self, default_bucket: str = "default") -> list[RemotePath]:
+        return [parse_remote(k, default_bucket) for k in self.outputs]
+
+    @property
+    def max_tries(self) -> int:
+        return self.retries + 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one task: where and what."""
+
+    where: str  # "task 'md5' (line 3)" or "line 7"
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return problem(self.where, self.field, self.message)
+
+
+def problem(where: str, field: str, message: str) -> str:
+    """The one-line form of every push error: where, which field, what is wrong."""
+    return f"{where}, field {field!r}: {message}" if field else f"{where}: {message}"
+
+
+def describe(index: int, line: int | None, raw: Any) -> str:
+    """How to name a task in an error: by its name when it has one, else its position."""
+    pos = f"line {line}" if line is not None else f"#{index + 1}"
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+        return f"task {raw['name']!r} ({pos})"
+    return f"task {pos}"
+
+
+def validate(raw: Any, where: str) -> tuple[TaskDocument | None, list[Problem]]:
+    """Validate one raw (decoded JSON) document; every problem is reported."""
+    if not isinstance(raw, dict):
+        return None, [Problem(where, "", f"a task must be a JSON object, not {_kind(raw)}")]
+    try:
+        return TaskDocument.model_validate(raw), []
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (not part of the task document)"
+            problems.append(Problem(where, loc, msg))
+        return None, problems
+
+
+def _kind(value: Any) -> str:
+    return {list: "an array", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)

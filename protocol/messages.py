@@ -1,0 +1,181 @@
+"""The wire protocol between worker and boss: newline-delimited JSON.
+
+A request is ``{"v": 1, "id": N, "call": NAME, "args": {...}}``; its reply is
+``{"id": N, "ok": true, "result": {...}}`` or
+``{"id": N, "ok": false, "error": {"code": CODE, "message": TEXT}}``.
+The first call on a connection is ``hello`` with the worker's token; the
+connection is then bound to that worker.
+
+Calls and their arguments / results:
+
+``hello``      token, host, pid, slots, version
+               -> worker_id, name, lease_seconds, heartbeat_seconds,
+                  buckets {name: url}, default_bucket
+``pop``        n (free slots)
+               -> {"tasks": [Assignment...]} | {"none": true, "retry_after": s}
+                  | {"drain": true}
+``heartbeat``  attempts [attempt ids]  -> {"cancel": [attempt ids]}
+``event``      attempt_id, kind, data {...}  -> {}
+``complete``   attempt_id, outcome, exit_status, reason, metrics, stdout_tail,
+               stderr_tail  -> {"accepted": true}  (error ``not_current`` when
+               the attempt was lost or cancelled: the attempt id fences)
+``goodbye``    reason -> {}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.errors import Code, ProtocolError
+
+VERSION = 1
+MAX_LINE = 16 * 1024 * 1024  # one message; a task document is far smaller
+CALLS = frozenset({"hello", "pop", "heartbeat", "event", "complete", "goodbye"})
+OUTCOMES = frozenset({"succeeded", "failed", "timeout", "cancelled"})
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    call: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def request(id: int, call: str, args: dict[str, Any] | None = None) -> bytes:
+    return encode({"v": VERSION, "id": id, "call": call, "args": args or {}})
+
+
+def ok(id: int | None, result: dict[str, Any]) -> bytes:
+    return encode({"id": id, "ok": True, "result": result})
+
+
+def error(id: int | None, code: Code | str, message: str) -> bytes:
+    return encode({"id": id, "ok": False, "error": {"code": str(code), "message": message}})
+
+
+def parse_request(line: bytes) -> Request:
+    """Decode one request line; raise ProtocolError (never anything else)."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(Code.MALFORMED, f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(Code.MALFORMED, "a request must be a JSON object")
+    rid = obj.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise ProtocolError(Code.MALFORMED, "'id' must be an integer")
+    if obj.get("v") != VERSION:
+        raise ProtocolError(Code.VERSION, f"protocol version {obj.get('v')!r} unsupported "
+                            f"(this boss speaks {VERSION})")
+    call = obj.get("call")
+    if not isinstance(call, str) or call not in CALLS:
+        raise ProtocolError(Code.UNKNOWN_CALL, f"unknown call {call!r}")
+    args = obj.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolError(Code.MALFORMED, "'args' must be a JSON object")
+    return Request(rid, call, args)
+
+
+def request_id(line: bytes) -> int | None:
+    """Best effort: the id of a request that failed to parse, for the error reply."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+
+
+def parse_reply(line: bytes) -> tuple[int | None, dict[str, Any]]:
+    """Decode a reply; return (id, result) or raise ProtocolError for an error reply."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(Code.MALFORMED, f"reply is not JSON: {exc}") from None
+    if not isinstance(obj, dict) or "ok" not in obj:
+        raise ProtocolError(Code.MALFORMED, "reply is not a reply object")
+    if not obj["ok"]:
+        err = obj.get("error") or {}
+        raise ProtocolError(str(err.get("code", Code.INTERNAL)), str(err.get("message", "")))
+    result = obj.get("result")
+    return obj.get("id"), result if isinstance(result, dict) else {}
+
+
+def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """Fetch and type-check one argument; a wrong one is a MALFORMED error."""
+    if name not in args:
+        if default is ...:
+            raise ProtocolError(Code.MALFORMED, f"missing argument {name!r}")
+        return default
+    value = args[name]
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ProtocolError(Code.MALFORMED, f"argument {name!r} must be a number")
+    if not isinstance(value, kind):
+        raise ProtocolError(Code.MALFORMED, f"argument {name!r} has the wrong type")
+    return value
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One task handed to a worker: the attempt id is its fencing token."""
+
+    attempt_id: int
+    task_id: int
+    name: str
+    number: int  # 1 for the first try
+    document: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"attempt_id": self.attempt_id, "task_id": self.task_id, "name": self.name,
+                "number": self.number, "document": self.document}
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Assignment:
+        return cls(int(obj["attempt_id"]), int(obj["task_id"]), str(obj["name"]),
+                   int(obj["number"]), dict(obj["document"]))
+
+
+@dataclass
+class Result:
+    """What a worker reports for an attempt."""
+
+    attempt_id: int
+    outcome: str  # one of OUTCOMES
+    exit_status: int | None = None
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)  # wall, cpu, max_rss, bytes_in...
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"attempt_id": self.attempt_id, "outcome": self.outcome,
+                "exit_status": self.exit_status, "reason": self.reason,
+                "metrics": self.metrics, "stdout_tail": self.stdout_tail,
+                "stderr_tail": self.stderr_tail}
+
+    @classmethod
+    def from_wire(cls, args: dict[str, Any]) -> Result:
+        outcome = arg(args, "outcome", str)
+        if outcome not in OUTCOMES:
+            raise ProtocolError(Code.MALFORMED, f"outcome {outcome!r} is not one of "
+                                f"{sorted(OUTCOMES)}")
+        metrics = arg(args, "metrics", dict, {})
+        if not all(isinstance(v, int | float) and not isinstance(v, bool)
+                   for v in metrics.values()):
+            raise ProtocolError(Code.MALFORMED, "metrics must be numbers")
+        status = arg(args, "exit_status", (int, type(None)), None)
+        return cls(
+            attempt_id=arg(args, "attempt_id", int),
+            outcome=outcome,
+            exit_status=status,
+            reason=arg(args, "reason", str, ""),
+            metrics={str(k): float(v) for k, v in metrics.items()},
+            stdout_tail=arg(args, "stdout_tail", str, ""),
+            stderr_tail=arg(args, "stderr_tail", str, ""),
+        )

@@ -1,0 +1,175 @@
+"""Settings: one TOML file, overridden key by key from ``ECLOUD_<TABLE>_<KEY>``.
+
+Found as ``--settings PATH``, else ``$ECLOUD_SETTINGS``, else ``./ecloud.toml``
+when present, else the built-in defaults. Loaded once into an explicit
+:class:`Settings` object that is passed down; nothing reads it at import time.
+
+Relative paths (``.ecloud/boss.db``, ``file://.ecloud/data``) are resolved
+against the current directory when the settings are loaded, so that a worker
+spawned elsewhere sees the same absolute places.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from protocol.errors import SettingsError
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BossSettings(_Table):
+    database_url: str = "sqlite:///.ecloud/boss.db"
+    listen: str = "127.0.0.1:7878"
+    lease_seconds: float = Field(default=60.0, gt=0)
+    reap_seconds: float = Field(default=5.0, gt=0)
+    ssh_host: str = "127.0.0.1"
+    ssh_port: int = 22
+    ssh_user: str = "ecloud"
+    authorized_keys: str = "~/.ssh/authorized_keys"
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback(cls, listen: str) -> str:
+        host, _, port = listen.rpartition(":")
+        if host not in ("127.0.0.1", "localhost", "::1", "[::1]") or not port.isdigit():
+            raise ValueError(
+                f"listen {listen!r}: the boss only binds a loopback address "
+                "(127.0.0.1:PORT); remote workers come through the SSH tunnel"
+            )
+        return listen
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class DatastoreSettings(_Table):
+    default: str = "file://.ecloud/data"
+    buckets: dict[str, str] = Field(default_factory=lambda: {"data": "file://.ecloud/data"})
+
+
+class WorkerSettings(_Table):
+    slots: int = Field(default=2, ge=1, le=1024)
+    workdir: str = ".ecloud/work"
+    cache_dir: str = ".ecloud/cache"
+    cache_bytes: int = Field(default=10_000_000_000, ge=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    poll_seconds: float = Field(default=1.0, gt=0)
+    container_runtime: Literal["podman", "docker"] = "podman"
+    container_args: list[str] = Field(default_factory=lambda: ["--runtime", "runc"])
+    log_tail_bytes: int = Field(default=4096, ge=0)
+
+
+class ProviderSettings(_Table):
+    default: Literal["local", "ssh", "gce"] = "local"
+
+
+class AutoscaleSettings(_Table):
+    min_workers: int = Field(default=0, ge=0)
+    max_workers: int = Field(default=10, ge=0)
+    idle_seconds: float = Field(default=60.0, ge=0)
+
+
+class Settings(_Table):
+    boss: BossSettings = Field(default_factory=BossSettings)
+    datastore: DatastoreSettings = Field(default_factory=DatastoreSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    provider: ProviderSettings = Field(default_factory=ProviderSettings)
+    autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
+    source: str = "built-in defaults"
+
+    def bucket_url(self, bucket: str) -> str | None:
+        return self.datastore.buckets.get(bucket)
+
+
+ENV_PREFIX = "ECLOUD_"
+TABLES: dict[str, type[_Table]] = {
+    "boss": BossSettings,
+    "datastore": DatastoreSettings,
+    "worker": WorkerSettings,
+    "provider": ProviderSettings,
+    "autoscale": AutoscaleSettings,
+}
+
+
+def find_settings_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if environ.get("ECLOUD_SETTINGS"):
+        return Path(environ["ECLOUD_SETTINGS"])
+    here = Path("ecloud.toml")
+    return here if here.is_file() else None
+
+
+def load_settings(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Load settings from file + environment; errors name the file and key."""
+    env = os.environ if environ is None else environ
+    base = (cwd or Path.cwd()).resolve()
+    file = find_settings_file(path, env)
+    data: dict[str, Any] = {}
+    source = "built-in defaults"
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError(f"settings file {file} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"settings file {file} is not valid TOML: {exc}") from None
+        source = str(file)
+    for table, model in TABLES.items():
+        for key, field in model.model_fields.items():
+            var = f"{ENV_PREFIX}{table.upper()}_{key.upper()}"
+            if var in env:
+                raw = env[var]
+                value: Any = raw
+                if field.annotation is not str and raw[:1] in "[{":
+                    try:
+                        value = json.loads(raw)
+                    except json.JSONDecodeError as exc:
+                        raise SettingsError(f"{var}: not valid JSON: {exc}") from None
+                data.setdefault(table, {})[key] = value
+                source += f" + {var}"
+    try:
+        settings = Settings.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"{source}: [{loc}] {msg}") from None
+    return absolutize(settings, base)
+
+
+def absolute_url(url: str, base: Path) -> str:
+    """Make a ``file://`` URL or a SQLite URL with a relative path absolute."""
+    if url.startswith("file://"):
+        path = url[len("file://") :]
+        return "file://" + str((base / os.path.expanduser(path)).resolve())
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        rest = url[len("sqlite:///") :]
+        if rest and rest != ":memory:":
+            return "sqlite:///" + str((base / rest).resolve())
+    return url
+
+
+def absolutize(settings: Settings, base: Path) -> Settings:
+    s = settings.model_copy(deep=True)
+    s.boss.database_url = absolute_url(s.boss.database_url, base)
+    s.datastore.default = absolute_url(s.datastore.default, base)
+    s.datastore.buckets = {k: absolute_url(v, base) for k, v in s.datastore.buckets.items()}
+    s.worker.workdir = str((base / os.path.expanduser(s.worker.workdir)).resolve())
+    s.worker.cache_dir = str((base / os.path.expanduser(s.worker.cache_dir)).resolve())
+    return s

@@ -1,0 +1,97 @@
+"""A real PostgreSQL server for the tests, in a temporary directory.
+
+Started once per test session as the ``postgres`` user (initdb + pg_ctl) on a
+free port of 127.0.0.1; each test gets a fresh database copied from a
+template that already has the schema.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bindir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+@dataclass
+class PgServer:
+    port: int
+    datadir: Path
+    bindir: Path
+    user: str
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def psql(self, sql: str, database: str = "postgres") -> None:
+        subprocess.run([str(self.bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port),
+                        "-U", self.user, "-d", database, "-v", "ON_ERROR_STOP=1", "-q",
+                        "-c", sql], check=True, capture_output=True, timeout=60)
+
+    def stop(self) -> None:
+        _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate",
+                      "stop"], check=False)
+        shutil.rmtree(self.datadir.parent, ignore_errors=True)
+
+
+def _as_postgres(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    return subprocess.run(cmd, check=check, capture_output=True, timeout=120)
+
+
+def start() -> tuple[PgServer | None, str]:
+    """Start a server; return (server, "") or (None, why not)."""
+    bindir = _bindir()
+    if bindir is None:
+        return None, "PostgreSQL is not installed (scripts/test.sh installs it when root)"
+    if os.geteuid() == 0:
+        try:
+            subprocess.run(["id", "postgres"], check=True, capture_output=True)
+        except subprocess.CalledProcessError:
+            return None, "no 'postgres' user to run the server as"
+    root = Path(tempfile.mkdtemp(prefix="ecloud-pg-"))
+    os.chmod(root, 0o755)
+    datadir = root / "data"
+    sockdir = root / "sock"
+    sockdir.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(sockdir, "postgres")
+    port = _free_port()
+    user = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
+    try:
+        _as_postgres([str(bindir / "initdb"), "-D", str(datadir), "-U", user, "-A", "trust",
+                      "--no-sync", "-E", "UTF8"])
+        _as_postgres([str(bindir / "pg_ctl"), "-D", str(datadir), "-w", "-t", "60",
+                      "-l", str(root / "log"), "-o",
+                      f"-k {sockdir} -h 127.0.0.1 -p {port} -F -c max_connections=200 "
+                      "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+                      "start"])
+    except subprocess.CalledProcessError as exc:
+        return None, f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')[-500:]}"
+    server = PgServer(port, datadir, bindir, user)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            server.psql("SELECT 1")
+            break
+        except subprocess.CalledProcessError:
+            time.sleep(0.1)
+    return server, ""

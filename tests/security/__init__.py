@@ -1,0 +1,1 @@
+"""Security tests: what a worker key can and cannot do on the boss machine."""

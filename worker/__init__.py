@@ -1,0 +1,1 @@
+"""The worker: pulls tasks from the boss, stages data, runs commands, reports."""

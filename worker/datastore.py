@@ -1,0 +1,329 @@
+"""Datastores: bucket name -> fsspec URL -> filesystem, and file-by-file copies.
+
+A bucket is a name (``data``) mapped to a URL (``file:///srv/data``,
+``sftp://user@host:2222/srv/data?key_filename=/k&known_hosts=/kh``,
+``s3://bucket/prefix``, ``gs://bucket``); ``data:x/y`` is then the object
+``x/y`` under that URL, and a path ending in ``/`` is a directory.
+
+Directories are copied by listing them and copying file by file with
+``get_file``/``put_file`` plus ``makedirs``: recursive ``get``/``put`` behave
+differently per fsspec backend, the file-by-file loop works on all of them.
+
+One :class:`Datastore` serves one attempt (one thread): the connections it
+opens (SFTP) are its own and are closed by :meth:`Datastore.close`, so a
+worker never accumulates connections however many attempts it runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import fsspec
+import paramiko
+
+from protocol.document import RemotePath
+from worker.errors import (
+    CancelledError,
+    DatastoreError,
+    MissingExtraError,
+    PathError,
+    RemoteNotFoundError,
+    WorkerError,
+)
+
+FileSystem = Any  # fsspec.AbstractFileSystem; fsspec ships no type hints
+Fetch = Callable[[FileSystem, str, Path], int]
+"""Copy one remote file to a local path and return its size (``get_file`` or a cache)."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """An opened bucket: the filesystem and the bucket's root path inside it."""
+
+    fs: FileSystem
+    root: str
+    url: str
+
+    def path(self, relative: str) -> str:
+        """The filesystem path of ``relative`` (keeps a trailing ``/``)."""
+        return f"{self.root.rstrip('/')}/{relative}" if self.root else relative
+
+
+class _PinnedHostKeys(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]  # untyped base
+    """Accept a server only when its key is in a known_hosts file (no trust on first use)."""
+
+    def __init__(self, known_hosts: str) -> None:
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        try:
+            known = paramiko.HostKeys(self.known_hosts).lookup(hostname)
+        except OSError as exc:
+            raise paramiko.SSHException(
+                f"cannot read known_hosts file {self.known_hosts}: {exc}") from exc
+        if known is None or known.get(key.get_name()) != key:
+            raise paramiko.SSHException(
+                f"host key of {hostname} ({key.get_name()}) is not in {self.known_hosts}: "
+                "add the server's public key there (ssh-keyscan, checked out of band)")
+
+
+def _open_file(url: str, options: Mapping[str, Any]) -> Location:
+    root = os.path.abspath(os.path.expanduser(unquote(url[len("file://"):])))
+    return Location(fsspec.filesystem("file"), root, url)
+
+
+def _open_sftp(url: str, options: Mapping[str, Any]) -> Location:
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise DatastoreError(f"datastore URL {url!r} names no host: use sftp://user@host/path")
+    query = dict(parse_qsl(parts.query))
+    opts: dict[str, Any] = {**query, **options}
+    known_hosts = os.path.expanduser(str(opts.pop("known_hosts", "~/.ssh/known_hosts")))
+    kwargs: dict[str, Any] = {
+        "port": parts.port or 22,
+        "username": unquote(parts.username) if parts.username else None,
+        "look_for_keys": False,
+        "allow_agent": False,
+        "timeout": float(opts.pop("timeout", 30)),
+        "host_key_policy": _PinnedHostKeys(known_hosts),
+        "skip_instance_cache": True,
+    }
+    if "key_filename" in opts:
+        kwargs["key_filename"] = os.path.expanduser(str(opts.pop("key_filename")))
+    kwargs.update(opts)
+    try:
+        fs = fsspec.filesystem("sftp", host=parts.hostname, **kwargs)
+    except (OSError, paramiko.SSHException) as exc:
+        raise DatastoreError(
+            f"cannot open datastore {_public(url)}: {exc}; check the host, port, user, "
+            "key_filename and known_hosts of the bucket URL") from exc
+    return Location(fs, unquote(parts.path) or "/", url)
+
+
+def _object_store(scheme: str, extra: str, module: str) -> Callable[[str, Mapping[str, Any]],
+                                                                     Location]:
+    def open_store(url: str, options: Mapping[str, Any]) -> Location:
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(
+                f"datastore {_public(url)} needs the {module} package: "
+                f"pip install 'ecloud[{extra}]' on the worker")
+        parts = urlsplit(url)
+        opts = {**dict(parse_qsl(parts.query)), **options}
+        try:
+            fs = fsspec.filesystem(scheme, **opts)
+        except Exception as exc:  # any backend error: credentials, endpoint, options
+            raise DatastoreError(f"cannot open datastore {_public(url)}: {exc}") from exc
+        return Location(fs, f"{parts.netloc}{parts.path}".rstrip("/"), url)
+
+    return open_store
+
+
+OPENERS: dict[str, Callable[[str, Mapping[str, Any]], Location]] = {
+    "file": _open_file,
+    "sftp": _open_sftp,
+    "s3": _object_store("s3", "s3", "s3fs"),
+    "gs": _object_store("gcs", "gs", "gcsfs"),
+}
+"""URL scheme -> opener. One entry per kind of datastore."""
+
+
+def open_url(url: str, options: Mapping[str, Any] | None = None) -> Location:
+    """Open the filesystem behind a bucket URL; options are extra backend arguments."""
+    scheme = url.partition("://")[0] if "://" in url else ""
+    opener = OPENERS.get(scheme)
+    if opener is None:
+        raise DatastoreError(
+            f"datastore URL {_public(url)} has an unsupported scheme {scheme!r}: "
+            f"use one of {', '.join(s + '://' for s in OPENERS)}")
+    return opener(url, options or {})
+
+
+def _public(url: str) -> str:
+    """A URL fit for a message: the query (which may hold options) is dropped."""
+    return url.partition("?")[0]
+
+
+class Datastore:
+    """The buckets of one attempt: resolves ``bucket:path`` and owns the connections."""
+
+    def __init__(self, buckets: Mapping[str, str], default_url: str,
+                 options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self._urls = dict(buckets)
+        self._urls["default"] = default_url
+        self._options = dict(options or {})
+        self._open: dict[str, Location] = {}
+
+    def url(self, bucket: str) -> str:
+        """The URL of a bucket; an unknown bucket is an error that says how to add it."""
+        try:
+            return self._urls[bucket]
+        except KeyError:
+            raise DatastoreError(
+                f"bucket {bucket!r} is not defined on this worker (known: "
+                f"{', '.join(sorted(self._urls))}): add it to [datastore.buckets] or "
+                f"`boss admin set-bucket {bucket} URL`") from None
+
+    def location(self, bucket: str) -> Location:
+        """The opened bucket (opened on first use, then reused by this attempt)."""
+        if bucket not in self._open:
+            self._open[bucket] = open_url(self.url(bucket), self._options.get(bucket))
+        return self._open[bucket]
+
+    def resolve(self, remote: RemotePath) -> tuple[FileSystem, str]:
+        """The filesystem and the path inside it for ``bucket:path``."""
+        loc = self.location(remote.bucket)
+        return loc.fs, loc.path(remote.path)
+
+    def close(self) -> None:
+        """Close the connections this datastore opened (SFTP); file systems need nothing."""
+        for loc in self._open.values():
+            client = getattr(loc.fs, "client", None)
+            if isinstance(client, paramiko.SSHClient):
+                client.close()
+        self._open.clear()
+
+    def __enter__(self) -> Datastore:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+@contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Turn a backend's exception into a DatastoreError that says what was being done."""
+    try:
+        yield
+    except WorkerError:
+        raise
+    except FileNotFoundError as exc:
+        raise RemoteNotFoundError(f"{what}: not found ({exc})") from exc
+    except Exception as exc:  # fsspec backends raise anything: OSError, SSHException, botocore
+        raise DatastoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_file(info: Mapping[str, Any], rpath: str) -> None:
+    """Refuse a directory where a file is expected, saying how to ask for a directory."""
+    if info.get("type") == "directory":
+        raise DatastoreError(f"{rpath} is a directory: end the remote path with '/' "
+                             "to copy a directory")
+
+
+def get_file(fs: FileSystem, rpath: str, lpath: Path) -> int:
+    """Download one file (no cache); returns its size."""
+    lpath.parent.mkdir(parents=True, exist_ok=True)
+    with translated(f"download of {rpath}"):
+        check_file(fs.info(rpath), rpath)
+        fs.get_file(rpath, str(lpath))
+    return lpath.stat().st_size
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise CancelledError("cancelled while copying files")
+
+
+def copy_in(fs: FileSystem, rpath: str, local: Path, *, fetch: Fetch = get_file,
+            cancel: threading.Event | None = None) -> int:
+    """Copy a remote file, or a directory (``rpath`` ending in ``/``), to ``local``."""
+    if not rpath.endswith("/"):
+        return fetch(fs, rpath, local)
+    base = rpath.rstrip("/")
+    with translated(f"listing of {rpath}"):
+        if not fs.isdir(base):
+            raise RemoteNotFoundError(f"directory {rpath} does not exist")
+        files = sorted(fs.find(base, detail=False))
+    local.mkdir(parents=True, exist_ok=True)
+    prefix = fs._strip_protocol(base).rstrip("/") + "/"
+    top = local.resolve()
+    moved = 0
+    for remote_file in files:
+        _check_cancel(cancel)
+        rel = str(remote_file)[len(prefix):] if str(remote_file).startswith(prefix) else ""
+        target = (local / rel).resolve()
+        if not rel or not target.is_relative_to(top) or target == top:
+            raise DatastoreError(f"{rpath}: listed object {remote_file!r} does not lie under "
+                                 "the directory; rename it in the datastore")
+        moved += fetch(fs, str(remote_file), target)
+    return moved
+
+
+def local_files(local: Path, guard: Callable[[Path], None]) -> list[tuple[Path, str]]:
+    """The regular files under ``local`` with their relative paths; ``guard`` vets each."""
+    out: list[tuple[Path, str]] = []
+    for dirpath, dirnames, filenames in os.walk(local, followlinks=False):
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                raise PathError(
+                    f"{os.path.join(dirpath, name)} is a link to a directory: outputs are "
+                    "copied file by file without following directory links; make it a "
+                    "real directory")
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            guard(path)
+            out.append((path, path.relative_to(local).as_posix()))
+    return out
+
+
+def upload(fs: FileSystem, local: Path, rpath: str, *, guard: Callable[[Path], None],
+           cancel: threading.Event | None = None) -> int:
+    """Upload a file, or a directory (``rpath`` ending in ``/``); returns bytes sent."""
+    if rpath.endswith("/"):
+        items = [(p, rpath + rel) for p, rel in local_files(local, guard)]
+        with translated(f"upload to {rpath}"):
+            fs.makedirs(rpath.rstrip("/"), exist_ok=True)
+    else:
+        guard(local)
+        items = [(local, rpath)]
+    moved = 0
+    made: set[str] = set()
+    for path, target in items:
+        _check_cancel(cancel)
+        parent = target.rsplit("/", 1)[0] if "/" in target else ""
+        with translated(f"upload of {path} to {target}"):
+            if parent and parent not in made:
+                fs.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            fs.put_file(str(path), target)
+        moved += path.stat().st_size
+    return moved
+
+
+def publish(fs: FileSystem, temp: str, final: str) -> None:
+    """Move an uploaded temporary file or directory to its final path, replacing it."""
+    is_dir = final.endswith("/")
+    src, dst = temp.rstrip("/"), final.rstrip("/")
+    with translated(f"moving {src} into place at {dst}"):
+        if fs.exists(dst):
+            if fs.isdir(dst) and not is_dir:
+                raise DatastoreError(f"output {dst} already exists as a directory; "
+                                     "remove it or end the output's path with '/'")
+            if is_dir:
+                # a directory cannot be renamed over a non-empty one: the old
+                # output of an earlier attempt of this task goes first
+                fs.rm(dst, recursive=True)
+        if "recursive" in inspect.signature(fs.mv).parameters:
+            fs.mv(src, dst, recursive=is_dir)
+        else:  # SFTP's mv is a plain rename and takes no options
+            fs.mv(src, dst)
+
+
+def discard(fs: FileSystem, temp: str) -> None:
+    """Remove a temporary upload; best effort (it is named so as to be recognisable)."""
+    try:
+        if fs.exists(temp.rstrip("/")):
+            fs.rm(temp.rstrip("/"), recursive=True)
+    except Exception:  # a leftover temp file is harmless; the task's own error matters more
+        pass
