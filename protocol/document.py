@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-][A-Za-z0-9_.:@+/-]*$")
+BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-][A-Za-z0-9_.:@+/-]*")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# fullmatch everywhere: "$" would also match before a trailing newline
 MAX_NAME = 200
 MAX_PATH = 4096
 
@@ -70,7 +72,7 @@ def parse_remote(key: str, default_bucket: str = "default") -> RemotePath:
     bucket, sep, path = key.partition(":")
     if not sep:
         bucket, path = default_bucket, key
-    if not BUCKET_RE.match(bucket):
+    if not BUCKET_RE.fullmatch(bucket):
         raise ValueError(f"bucket name {bucket!r} is not valid (letters, digits, _ . -)")
     if path.startswith("/"):
         raise ValueError(f"remote path {key!r} must be relative to its bucket (no leading '/')")
@@ -136,7 +138,7 @@ class TaskDocument(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str | None) -> str | None:
-        if name is not None and not NAME_RE.match(name):
+        if name is not None and not NAME_RE.fullmatch(name):
             raise ValueError(
                 "a name may hold letters, digits and _ . : @ + - / and must not start with '/'"
             )
@@ -165,9 +167,18 @@ class TaskDocument(BaseModel):
     @classmethod
     def _env(cls, env: dict[str, str]) -> dict[str, str]:
         for key in env:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            if not ENV_NAME_RE.fullmatch(key):
                 raise ValueError(f"environment variable name {key!r} is not valid")
+            if "\x00" in env[key]:
+                raise ValueError(f"environment variable {key!r} contains a NUL byte")
         return env
+
+    @field_validator("image", "workdir")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("contains a NUL byte")
+        return value
 
     @model_validator(mode="after")
     def _storage(self) -> TaskDocument:

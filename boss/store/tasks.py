@@ -174,12 +174,13 @@ def _descendants(roots: Sequence[int]) -> Select[tuple[int]]:
 
 def cascade(conn: Connection, roots: Sequence[int], now: float) -> int:
     """Every waiting or ready descendant of ``roots`` becomes upstream_failed."""
-    result = conn.execute(
+    # count by RETURNING: pysqlite reports rowcount -1 for a statement that starts with WITH
+    return len(conn.execute(
         update(Task)
         .where(Task.id.in_(_descendants(roots)), Task.state.in_([T.WAITING, T.READY]))
         .values(state=T.UPSTREAM_FAILED, updated_at=now)
-    )
-    return int(result.rowcount or 0)
+        .returning(Task.id)
+    ).all())
 
 
 def find(conn: Connection, name: str) -> tuple[int, TaskState]:
@@ -238,13 +239,14 @@ def retry(conn: Connection, names: Sequence[str] | None, now: float) -> int:
         moved += len(chunk)
         # level by level, descendants with no failed parent left return to waiting
         for _ in range(100_000):
-            r = conn.execute(
+            back = conn.execute(
                 update(Task)
                 .where(Task.id.in_(_descendants(chunk)), Task.state == T.UPSTREAM_FAILED,
                        ~bad_parent)
                 .values(state=T.WAITING, updated_at=now)
-            )
-            if not r.rowcount:
+                .returning(Task.id)
+            ).all()
+            if not back:
                 break
         # waiting tasks whose parents all succeeded are ready
         conn.execute(update(Task)

@@ -53,7 +53,8 @@ def listing(conn: Connection, include_terminated: bool = False) -> list[dict[str
     if not include_terminated:
         q = q.where(Worker.state != "terminated")
     out = []
-    for w, n in conn.execute(q).tuples():
+    for row in conn.execute(q).all():
+        w, n = row, row.running
         names = conn.execute(
             select(Task.name).join(Attempt, Attempt.task_id == Task.id)
             .where(Attempt.worker_id == w.id, Attempt.state == AttemptState.RUNNING)

@@ -231,8 +231,6 @@ def test_a_document_must_be_an_object(raw: Any) -> None:
     assert str(p) == f"{WHERE}: {p.message}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: protocol/document.py NAME_RE/BUCKET_RE and the "
-                   "env-name regex end in '$', which also matches before a trailing newline")
 @pytest.mark.parametrize("raw", [good(name="md5\n"), good(env={"LANG\n": "C"}),
                                  good(inputs={"data\n:x": "/mnt/x"})],
                          ids=["name", "env-name", "bucket"])
@@ -240,8 +238,6 @@ def test_trailing_newline_is_refused(raw: dict[str, Any]) -> None:
     problems_of(raw)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: protocol/document.py checks NUL bytes in argv and "
-                   "paths but not in env values, workdir or image; exec/podman cannot take them")
 @pytest.mark.parametrize("raw", [good(env={"A": "x\x00y"}),
                                  good(storage="nfs", workdir="/srv/\x00w"),
                                  good(image="alpine\x00:latest")],
