@@ -32,7 +32,7 @@ app.add_typer(dbapp, name="db")
 
 
 def _boss(ctx: typer.Context) -> Boss:
-    boss = ctx.obj.get("boss")
+    boss: Boss | None = ctx.obj.get("boss")
     if boss is None:
         boss = Boss(ctx.obj["settings"])
         ctx.obj["boss"] = boss

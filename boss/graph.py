@@ -89,7 +89,7 @@ def find_cycle(parents: Sequence[Iterable[int]]) -> list[int] | None:
                     break
                 if colour[nxt] == 1:
                     path = [s[0] for s in stack]
-                    cycle = path[path.index(nxt):] + [nxt]
+                    cycle = [*path[path.index(nxt):], nxt]
                     cycle.reverse()  # read as "a -> b": a must run before b
                     return cycle
             else:

@@ -15,12 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from boss import calls
 from boss import push as pushing
-from boss.errors import UserError
+from boss.errors import BossError, DatabaseError, UserError
 from boss.lifecycle import TaskState
 from boss.store import Store, reads, tasks, workers
 from boss.store import events as event_rows
 from boss.store.push import PushResult, insert_plan
+from boss.store.tasks import Ended
 from protocol.document import BUCKET_RE
 from protocol.messages import Assignment, Result
 from protocol.settings import Settings, absolute_url
@@ -164,56 +169,34 @@ class Boss:
     def authenticate(self, token: str, address: str | None = None,
                      slots: int | None = None) -> WorkerIdentity | None:
         """Bind a connection to its worker (``hello``); None for an unknown token."""
-        now = time.time()
-        with self.store.tx() as conn:
-            row = workers.by_token(conn, hash_token(token))
-            if row is None:
-                return None
-            values: dict[str, Any] = {"last_seen": now, "state": "idle"}
-            if address:
-                values["address"] = address
-            if slots:
-                values["slots"] = slots
-            workers.update_worker(conn, row.id, **values)
-            event_rows.record(conn, "worker.joined", worker_id=row.id, ts=now,
-                              data={"address": address, "slots": slots or row.slots})
-            return WorkerIdentity(row.id, row.name, slots or row.slots)
+        answer: WorkerIdentity | None = self.apply_one(calls.Hello(token, address, slots))
+        return answer
 
     def goodbye(self, worker_id: int, reason: str = "") -> None:
-        now = time.time()
-        with self.store.tx() as conn:
-            tasks.expire(conn, now, worker_id=worker_id)
-            workers.update_worker(conn, worker_id, state="terminated", last_seen=now)
-            event_rows.record(conn, "worker.left", worker_id=worker_id, ts=now,
-                              data={"reason": reason})
+        self.apply_one(calls.Goodbye(worker_id, reason))
 
-    # --- transitions (used by the RPC server) -----------------------------
+    # --- transitions (batched by the RPC server) --------------------------
 
     def claim(self, worker_id: int, n: int) -> list[Assignment]:
-        now = time.time()
-        with self.store.tx() as conn:
-            got = tasks.claim(conn, worker_id, n, self.settings.boss.lease_seconds, now)
-            workers.update_worker(conn, worker_id, last_seen=now,
-                                  state="busy" if got else "idle")
-            return got
+        answer: PopAnswer = self.apply_one(calls.Pop(worker_id, n))
+        return answer.tasks
+
+    def pop(self, worker_id: int, n: int) -> PopAnswer:
+        answer: PopAnswer = self.apply_one(calls.Pop(worker_id, n))
+        return answer
 
     def heartbeat(self, worker_id: int, attempt_ids: Sequence[int]) -> list[int]:
-        now = time.time()
-        with self.store.tx() as conn:
-            workers.update_worker(conn, worker_id, last_seen=now)
-            return tasks.heartbeat(conn, worker_id, attempt_ids,
-                                   self.settings.boss.lease_seconds, now)
+        answer: list[int] = self.apply_one(calls.Heartbeat(worker_id, tuple(attempt_ids)))
+        return answer
 
-    def complete(self, worker_id: int | None, result: Result) -> tasks.Ended | None:
-        with self.store.tx() as conn:
-            return tasks.complete(conn, worker_id, result, time.time())
+    def complete(self, worker_id: int | None, result: Result) -> Ended | None:
+        answer: Ended | None = self.apply_one(calls.Complete(worker_id, result))
+        return answer
 
     def complete_many(self, items: Sequence[tuple[int | None, Result]]
-                      ) -> list[tasks.Ended | None]:
+                      ) -> list[Ended | None]:
         """Group commit: many completions in one transaction."""
-        now = time.time()
-        with self.store.tx() as conn:
-            return [tasks.complete(conn, wid, r, now) for wid, r in items]
+        return [_unwrap(a) for a in self.apply([calls.Complete(w, r) for w, r in items])]
 
     def record_event(self, kind: str, *, attempt_id: int | None = None,
                      task_id: int | None = None, worker_id: int | None = None,
@@ -222,9 +205,100 @@ class Boss:
             event_rows.record(conn, kind, attempt_id=attempt_id, task_id=task_id,
                               worker_id=worker_id, data=data)
 
-    def expire_leases(self) -> list[tasks.Ended]:
+    def expire_leases(self) -> list[Ended]:
+        answer: list[Ended] = self.apply_one(calls.ExpireLeases())
+        return answer
+
+    def apply_one(self, call: calls.Call) -> Any:
+        return _unwrap(self.apply([call])[0])
+
+    def apply(self, batch: Sequence[calls.Call]) -> list[Any]:
+        """Apply worker calls in ONE transaction, each under its own savepoint.
+
+        Returns one answer per call, in order; a call that failed has its
+        exception (a BossError) as its answer and changed nothing, the others
+        commit together. This is the RPC server's group commit: one fsync for
+        every call that arrived while the previous transaction ran.
+        """
+        now = time.time()
+        out: list[Any] = []
         with self.store.tx() as conn:
-            return tasks.expire(conn, time.time())
+            for call in batch:
+                try:
+                    with conn.begin_nested():
+                        out.append(self._apply(conn, call, now))
+                except BossError as exc:
+                    out.append(exc)
+                except SQLAlchemyError as exc:
+                    out.append(DatabaseError(f"{type(call).__name__}: {exc}"))
+        return out
+
+    def _apply(self, conn: Connection, call: calls.Call, now: float) -> Any:
+        lease = self.settings.boss.lease_seconds
+        match call:
+            case calls.Pop(worker_id, n):
+                state = workers.state_of(conn, worker_id)
+                if state in ("draining", "terminated"):
+                    return PopAnswer([], drain=True)
+                got = tasks.claim(conn, worker_id, n, lease, now)
+                workers.update_worker(conn, worker_id, last_seen=now,
+                                      state="busy" if got else "idle")
+                if got:
+                    return PopAnswer(got)
+                if tasks.busy(conn):
+                    return PopAnswer([], retry_after=self.settings.worker.poll_seconds)
+                return PopAnswer([], drain=True)
+            case calls.Heartbeat(worker_id, attempt_ids):
+                workers.update_worker(conn, worker_id, last_seen=now)
+                return tasks.heartbeat(conn, worker_id, attempt_ids, lease, now)
+            case calls.Complete(worker_id, result):
+                if worker_id is not None:
+                    workers.update_worker(conn, worker_id, last_seen=now)
+                return tasks.complete(conn, worker_id, result, now)
+            case calls.Event(worker_id, attempt_id, kind, data):
+                task_id = tasks.running_task_of(conn, worker_id, attempt_id)
+                if task_id is None:
+                    return False
+                event_rows.record(conn, kind, task_id=task_id, attempt_id=attempt_id,
+                                  worker_id=worker_id, data=data, ts=now)
+                return True
+            case calls.Hello(token, address, slots):
+                row = workers.by_token(conn, hash_token(token))
+                if row is None:
+                    return None
+                values: dict[str, Any] = {"last_seen": now, "state": "idle", "error": None}
+                if address:
+                    values["address"] = address
+                if slots:
+                    values["slots"] = slots
+                workers.update_worker(conn, row.id, **values)
+                event_rows.record(conn, "worker.joined", worker_id=row.id, ts=now,
+                                  data={"address": address, "slots": slots or row.slots})
+                return WorkerIdentity(row.id, row.name, slots or row.slots)
+            case calls.Goodbye(worker_id, reason):
+                tasks.expire(conn, now, worker_id=worker_id)
+                workers.update_worker(conn, worker_id, state="terminated", last_seen=now)
+                event_rows.record(conn, "worker.left", worker_id=worker_id, ts=now,
+                                  data={"reason": reason})
+                return None
+            case calls.ExpireLeases():
+                return tasks.expire(conn, now)
+        raise TypeError(f"not a worker call: {call!r}")
+
+
+@dataclass(frozen=True)
+class PopAnswer:
+    """What ``pop`` answers: tasks, or nothing yet (retry after), or drain (all done)."""
+
+    tasks: list[Assignment]
+    retry_after: float = 0.0
+    drain: bool = False
+
+
+def _unwrap(answer: Any) -> Any:
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
 
 
 def _check_url(url: str) -> str:

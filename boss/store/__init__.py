@@ -49,7 +49,7 @@ class Store:
             yield
         except OperationalError as exc:
             text = str(exc.orig)
-            if "no such table" in text or "does not exist" in text and "relation" in text:
+            if "no such table" in text or ("does not exist" in text and "relation" in text):
                 raise NotInitialised(
                     f"the database {self.engine.url!r} has no ecloud tables: run `boss init`"
                 ) from exc

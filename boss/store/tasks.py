@@ -54,7 +54,7 @@ def claim(conn: Connection, worker_id: int, n: int, lease: float, now: float) ->
     if not rows:
         return []
     # RETURNING order is unspecified: hand them out in claim order
-    rows.sort(key=lambda r: (-r.priority, r.id))
+    rows = sorted(rows, key=lambda r: (-r.priority, r.id))
     attempts = conn.execute(
         insert(Attempt).returning(Attempt.id, Attempt.task_id, sort_by_parameter_order=True),
         [{"task_id": r.id, "number": r.tries + r.lost + 1, "worker_id": worker_id,
@@ -257,3 +257,18 @@ def retry(conn: Connection, names: Sequence[str] | None, now: float) -> int:
     events.record_many(conn, [{"kind": "task.retried", "task_id": i, "ts": now} for i in ids])
     return moved
 
+
+
+def busy(conn: Connection) -> bool:
+    """Is any task still waiting, ready or running (so a worker should not drain)?"""
+    return conn.execute(
+        select(Task.id).where(Task.state.in_([T.WAITING, T.READY, T.RUNNING])).limit(1)
+    ).first() is not None
+
+
+def running_task_of(conn: Connection, worker_id: int, attempt_id: int) -> int | None:
+    """The task of the worker's running attempt, or None if it is not current."""
+    return conn.execute(
+        select(Attempt.task_id).where(Attempt.id == attempt_id, Attempt.worker_id == worker_id,
+                                      Attempt.state == A.RUNNING)
+    ).scalar()

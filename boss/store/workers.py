@@ -96,3 +96,7 @@ def drop_context(conn: Connection, keys: Sequence[str] | None = None) -> int:
     if keys:
         stmt = stmt.where(Context.key.in_(keys))
     return int(conn.execute(stmt).rowcount or 0)
+
+
+def state_of(conn: Connection, worker_id: int) -> str | None:
+    return conn.execute(select(Worker.state).where(Worker.id == worker_id)).scalar()

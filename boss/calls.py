@@ -1,0 +1,75 @@
+"""Worker calls as plain values, so the RPC server can apply many in one transaction.
+
+The server turns each request into one of these and hands a batch of them to
+:meth:`boss.service.Boss.apply`, which runs the whole batch in one database
+transaction with a savepoint per call (group commit): a call that fails rolls
+back alone, the others commit together. The CLI's single transitions
+(:meth:`Boss.claim`, :meth:`Boss.complete`...) are batches of one, so there is
+one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.messages import Result
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Authenticate a connection: the answer is a WorkerIdentity or None."""
+
+    token: str
+    address: str | None = None
+    slots: int | None = None
+
+
+@dataclass(frozen=True)
+class Pop:
+    """Claim up to ``n`` tasks: the answer is a PopAnswer."""
+
+    worker_id: int
+    n: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Renew leases: the answer is the list of attempt ids to cancel."""
+
+    worker_id: int
+    attempt_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Complete:
+    """End an attempt: the answer is an Ended, or None when the attempt is not current."""
+
+    worker_id: int | None
+    result: Result
+
+
+@dataclass(frozen=True)
+class Event:
+    """A progress event of a running attempt: the answer is True, or False if not current."""
+
+    worker_id: int
+    attempt_id: int
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """The worker leaves: its running attempts are lost (requeued)."""
+
+    worker_id: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ExpireLeases:
+    """The reaper: attempts past their lease are lost; the answer is the Ended list."""
+
+
+Call = Hello | Pop | Heartbeat | Complete | Event | Goodbye | ExpireLeases
