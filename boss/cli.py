@@ -6,6 +6,7 @@ Data goes to stdout (tables, ids, ``--json``); messages go to stderr.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from boss import render
+from boss import keys, render, server
 from boss.errors import UserError
 from boss.service import Boss
 from protocol.console import err, main_for
@@ -221,6 +222,60 @@ def add_worker(
     token_file.write_text(token + "\n")
     out.print(wid)
     err.print(f"worker {wname} registered; token in {token_file}")
+
+
+@admin.command("authorize-worker-key")
+def authorize_worker_key(
+    ctx: typer.Context,
+    public_key: Path | None = typer.Option(
+        None, "--public-key", help="The worker's public key file (.pub)."),
+    generate: Path | None = typer.Option(
+        None, "--generate", help="Generate a new worker key pair in this directory instead."),
+    install: bool = typer.Option(
+        False, "--install", help="Append the line to [boss] authorized_keys "
+        "(replacing an older line for the same key)."),
+    authorized_keys: Path | None = typer.Option(
+        None, "--authorized-keys", help="The authorized_keys file for --install "
+        "(default: [boss] authorized_keys)."),
+) -> None:
+    """Print (or install) the restricted authorized_keys line for a worker's SSH key.
+
+    The key may open one tunnel to the boss's RPC port and nothing else: no
+    shell, no exec, no SFTP, no other forwards.
+    """
+    settings = ctx.obj["settings"]
+    if (public_key is None) == (generate is None):
+        raise UserError("give exactly one of --public-key FILE or --generate DIR")
+    if generate is not None:
+        private, line = keys.generate_worker_keypair(generate)
+        err.print(f"worker key pair written: {private} (give it to the worker) and {private}.pub")
+    else:
+        assert public_key is not None
+        try:
+            line = public_key.read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read the public key {public_key}: {exc.strerror}") from exc
+    port = int(settings.boss.listen.rpartition(":")[2])
+    entry = keys.authorized_keys_line(line, port)
+    if install:
+        path = (authorized_keys or Path(settings.boss.authorized_keys)).expanduser()
+        changed = keys.install_authorized_key(path, entry)
+        err.print(f"{'installed in' if changed else 'already in'} {path}")
+    out.print(entry, markup=False)
+
+
+@app.command("serve")
+def serve(ctx: typer.Context) -> None:
+    """Run the RPC server for workers on [boss] listen (127.0.0.1 only) and the lease reaper.
+
+    Runs until interrupted (Ctrl-C or SIGTERM).
+    """
+    boss = _boss(ctx)
+    boss.store.check()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        stream=sys.stderr)
+    server.serve(boss, on_ready=lambda port: err.print(
+        f"boss serving workers on 127.0.0.1:{port} (database {boss.store.engine.url!r})"))
 
 
 @dbapp.command("upgrade")

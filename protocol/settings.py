@@ -68,6 +68,11 @@ class WorkerSettings(_Table):
     container_runtime: Literal["podman", "docker"] = "podman"
     container_args: list[str] = Field(default_factory=lambda: ["--runtime", "runc"])
     log_tail_bytes: int = Field(default=4096, ge=0)
+    boss: str = ""  # tcp://127.0.0.1:PORT or ssh://USER@HOST[:SSHPORT]?port=PORT
+    token_file: str = ""
+    ssh_key: str = ""  # the worker's private key, for an ssh:// boss
+    known_hosts: str = ""  # pins the boss's host key, for an ssh:// boss
+    give_up_seconds: float = Field(default=3600.0, gt=0)
 
 
 class ProviderSettings(_Table):

@@ -59,6 +59,12 @@ class Store:
         except SQLAlchemyError as exc:
             raise DatabaseError(f"database {self.engine.url!r}: {exc}") from exc
 
+    def check(self) -> None:
+        """Raise NotInitialised unless `boss init` has created the tables."""
+        if not db.is_initialised(self.engine):
+            raise NotInitialised(
+                f"the database {self.engine.url!r} has no ecloud tables: run `boss init`")
+
     def upgrade(self) -> None:
         db.upgrade(self.engine)
 

@@ -1,0 +1,331 @@
+"""The RPC server (``boss serve``): one asyncio process, many worker connections.
+
+Each connection speaks the newline-delimited JSON of :mod:`protocol.messages`,
+one request at a time. The first call must be ``hello`` with the worker's
+token; the connection is then bound to that worker and every later call acts
+as it. A malformed or unknown message gets an error reply and changes
+nothing; a wrong token gets an error and the connection is closed.
+
+Database work never runs on the event loop. Calls go to a :class:`GroupCommit`,
+which hands everything that arrived while the previous transaction ran to
+:meth:`boss.service.Boss.apply` as one batch, in one transaction, on one
+database thread: with 100 workers finishing at once there is one commit, not
+100 (the ecloud seed's "overloads as soon as too many tasks finish at once").
+
+The lease reaper runs in the same loop: every ``reap_seconds`` attempts past
+their lease are marked lost and their tasks requeued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from boss import calls
+from boss.errors import BossError, DatabaseError, UserError
+from boss.service import Boss, PopAnswer, WorkerIdentity
+from protocol import messages
+from protocol.errors import Code, ProtocolError
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512
+EVENT_KIND = re.compile(r"[a-z][a-z_]{0,30}(\.[a-z][a-z_]{0,30}){0,3}")
+MAX_EVENT_BYTES = 16 * 1024
+
+
+class GroupCommit:
+    """Queue calls; run each batch that accumulated in one transaction on one thread."""
+
+    def __init__(self, boss: Boss, max_batch: int = MAX_BATCH) -> None:
+        self.boss = boss
+        self.max_batch = max_batch
+        self._pending: list[tuple[calls.Call, asyncio.Future[Any]]] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ecloud-db")
+        self._flusher: asyncio.Task[None] | None = None
+        self.batches = 0  # counters, for `boss serve` logs and the benchmarks
+        self.calls = 0
+
+    async def submit(self, call: calls.Call) -> Any:
+        """Apply one call (batched with whatever else is waiting); raise its error."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((call, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        answer = await future
+        return answer
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            try:
+                answers = await loop.run_in_executor(
+                    self._executor, self.boss.apply, [call for call, _ in batch])
+            except BossError as exc:  # the transaction itself failed: every call did
+                answers = [exc] * len(batch)
+            except Exception as exc:  # a bug; keep serving, answer "internal"
+                log.exception("applying a batch of %d calls", len(batch))
+                answers = [exc] * len(batch)
+            self.batches += 1
+            self.calls += len(batch)
+            for (_, future), answer in zip(batch, answers, strict=True):
+                if future.done():  # the connection went away meanwhile
+                    continue
+                if isinstance(answer, BaseException):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+@dataclass
+class _Connection:
+    peer: str
+    worker: WorkerIdentity | None = None
+
+
+Handler = Callable[[_Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class Closing(Exception):
+    """Raised by a handler after which the connection must be closed."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+
+class Server:
+    """``boss serve``: the RPC server plus the lease reaper."""
+
+    def __init__(self, boss: Boss, host: str = "127.0.0.1", port: int = 0) -> None:
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            # workers reach a remote boss through an SSH tunnel; the port is never exposed
+            raise UserError(f"boss listen address {host!r}: only 127.0.0.1 is allowed")
+        self.boss = boss
+        self.host = host
+        self.port = port
+        self.commits = GroupCommit(boss)
+        self._server: asyncio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._handlers: dict[str, Handler] = {
+            "pop": self._pop, "heartbeat": self._heartbeat, "event": self._event,
+            "complete": self._complete, "goodbye": self._goodbye,
+        }
+
+    async def start(self) -> int:
+        """Bind and start serving; return the port (useful when 0 asked for any)."""
+        try:
+            self._server = await asyncio.start_server(
+                self._serve_connection, self.host, self.port, limit=messages.MAX_LINE + 1)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}; "
+                            "is another `boss serve` running? ([boss] listen)") from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._reaper = asyncio.create_task(self._reap())
+        return self.port
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        if self._server is None:
+            await self.start()
+        await stop.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        self.commits.close()
+
+    async def _reap(self) -> None:
+        every = self.boss.settings.boss.reap_seconds
+        while True:
+            await asyncio.sleep(every)
+            try:
+                lost = await self.commits.submit(calls.ExpireLeases())
+            except BossError as exc:
+                log.warning("lease reaper: %s", exc)
+                continue
+            if lost:
+                log.info("leases expired: %d attempt(s) lost and requeued", len(lost))
+
+    # --- connections ------------------------------------------------------------------
+
+    async def _serve_connection(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        conn = _Connection(peer=f"{peer[0]}:{peer[1]}" if peer else "?")
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError:
+                    break  # the worker closed the connection
+                except asyncio.LimitOverrunError:
+                    writer.write(messages.error(None, Code.MALFORMED,
+                                                f"a line longer than {messages.MAX_LINE} bytes"))
+                    break  # the stream cannot be resynchronised
+                try:
+                    reply = await self.answer(conn, line)
+                except Closing as closing:
+                    writer.write(closing.reply)
+                    break
+                writer.write(reply)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the worker went away; its leases will tell
+        finally:
+            if conn.worker is not None:
+                log.info("worker %s (%s) disconnected", conn.worker.name, conn.peer)
+            with contextlib.suppress(ConnectionError, OSError):
+                writer.close()
+                await writer.wait_closed()
+
+    async def answer(self, conn: _Connection, line: bytes) -> bytes:
+        """The reply line to one request line; never raises except Closing."""
+        try:
+            req = messages.parse_request(line)
+        except ProtocolError as exc:
+            return messages.error(messages.request_id(line), exc.code, exc.message)
+        try:
+            if req.call == "hello":
+                return messages.ok(req.id, await self._hello(conn, req.args))
+            if conn.worker is None:
+                raise ProtocolError(Code.UNAUTHORIZED, "say hello (with your token) first")
+            result = await self._handlers[req.call](conn, req.args)
+            if req.call == "goodbye":
+                raise Closing(messages.ok(req.id, result))
+            return messages.ok(req.id, result)
+        except ProtocolError as exc:
+            reply = messages.error(req.id, exc.code, exc.message)
+            if exc.code == Code.UNAUTHORIZED:
+                raise Closing(reply) from None
+            return reply
+        except (UserError, DatabaseError) as exc:
+            return messages.error(req.id, Code.INTERNAL, str(exc))
+        except Closing:
+            raise
+        except Exception as exc:
+            log.exception("call %s from %s", req.call, conn.peer)
+            return messages.error(req.id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    # --- calls ------------------------------------------------------------------------
+
+    async def _hello(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
+        token = messages.arg(args, "token", str)
+        slots = messages.arg(args, "slots", int, None)
+        host = messages.arg(args, "host", str, "")
+        pid = messages.arg(args, "pid", int, 0)
+        if slots is not None and not 0 < slots <= 1024:
+            raise ProtocolError(Code.MALFORMED, "slots must be between 1 and 1024")
+        identity = await self.commits.submit(
+            calls.Hello(token, f"{host or conn.peer} pid {pid}", slots))
+        if identity is None:
+            raise ProtocolError(Code.UNAUTHORIZED, "unknown worker token (see `boss admin "
+                                "add-worker`)")
+        conn.worker = identity
+        log.info("worker %s joined from %s with %d slot(s)", identity.name, conn.peer,
+                 identity.slots)
+        buckets, default = await asyncio.get_running_loop().run_in_executor(
+            None, self.boss.buckets)
+        s = self.boss.settings.boss
+        return {"worker_id": identity.id, "name": identity.name,
+                "lease_seconds": s.lease_seconds,
+                "heartbeat_seconds": min(self.boss.settings.worker.heartbeat_seconds,
+                                         s.lease_seconds / 3),
+                "buckets": buckets, "default_bucket": default,
+                "version": messages.VERSION}
+
+    def _me(self, conn: _Connection) -> int:
+        assert conn.worker is not None
+        return conn.worker.id
+
+    async def _pop(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
+        n = messages.arg(args, "n", int)
+        if not 0 <= n <= 1024:
+            raise ProtocolError(Code.MALFORMED, "n must be between 0 and 1024")
+        answer: PopAnswer = await self.commits.submit(calls.Pop(self._me(conn), n))
+        if answer.tasks:
+            return {"tasks": [a.to_wire() for a in answer.tasks]}
+        if answer.drain:
+            return {"drain": True}
+        return {"none": True, "retry_after": answer.retry_after}
+
+    async def _heartbeat(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
+        ids = _int_list(messages.arg(args, "attempts", list))
+        cancel = await self.commits.submit(calls.Heartbeat(self._me(conn), tuple(ids)))
+        return {"cancel": cancel}
+
+    async def _event(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
+        attempt_id = messages.arg(args, "attempt_id", int)
+        kind = messages.arg(args, "kind", str)
+        data = messages.arg(args, "data", dict, {})
+        if not EVENT_KIND.fullmatch(kind):
+            raise ProtocolError(Code.MALFORMED, f"event kind {kind[:80]!r} is not valid "
+                                "(lower-case words joined by dots, e.g. stage_in.finished)")
+        if len(messages.encode(data)) > MAX_EVENT_BYTES:
+            raise ProtocolError(Code.MALFORMED, f"event data over {MAX_EVENT_BYTES} bytes")
+        current = await self.commits.submit(
+            calls.Event(self._me(conn), attempt_id, kind, data))
+        if not current:
+            raise ProtocolError(Code.NOT_CURRENT, f"attempt {attempt_id} is not a running "
+                                "attempt of this worker")
+        return {}
+
+    async def _complete(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
+        result = messages.Result.from_wire(args)
+        ended = await self.commits.submit(calls.Complete(self._me(conn), result))
+        if ended is None:
+            raise ProtocolError(Code.NOT_CURRENT, f"attempt {result.attempt_id} is no longer "
+                                "current (lost, cancelled or not this worker's): result "
+                                "discarded")
+        return {"accepted": True, "task_state": str(ended.task_state)}
+
+    async def _goodbye(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
+        reason = messages.arg(args, "reason", str, "")
+        await self.commits.submit(calls.Goodbye(self._me(conn), reason[:500]))
+        log.info("worker %s said goodbye: %s", conn.worker.name if conn.worker else "?",
+                 reason or "-")
+        conn.worker = None
+        return {}
+
+
+def _int_list(values: list[Any]) -> list[int]:
+    if len(values) > 100_000 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ProtocolError(Code.MALFORMED, "attempts must be a list of attempt ids")
+    return values
+
+
+def serve(boss: Boss, on_ready: Callable[[int], None] | None = None) -> None:
+    """Run the server until SIGINT or SIGTERM (the `boss serve` command)."""
+    host, _, port = boss.settings.boss.listen.rpartition(":")
+
+    async def main() -> None:
+        server = Server(boss, host, int(port))
+        bound = await server.start()
+        if on_ready is not None:
+            on_ready(bound)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await server.serve_until(stop)
+
+    asyncio.run(main())

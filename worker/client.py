@@ -1,0 +1,222 @@
+"""The worker's RPC client: calls over one channel, reconnecting with backoff.
+
+One :class:`BossClient` per worker process, shared by its slot threads: a lock
+makes the calls take turns on the one channel (a call is ~0.1 ms through an
+SSH tunnel, so they do not queue for long). When the channel breaks, the
+client reconnects with jittered exponential backoff and says ``hello`` again
+before repeating the call; running attempts carry on meanwhile and report
+when the boss is back. A call made with ``reconnect=False`` (progress events)
+fails at once instead, so that an attempt never waits for the boss just to
+report progress.
+
+Retried calls are safe: ``heartbeat`` and ``event`` are idempotent; a
+``complete`` that was applied before its reply was lost is refused as
+``not_current`` on the retry, which :meth:`BossClient.complete` treats as
+"already reported"; a ``pop`` whose reply was lost leaves attempts that
+nobody runs, which their lease turns into lost attempts that are requeued.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import messages
+from protocol.errors import Code, ProtocolError
+from protocol.messages import Assignment, Result
+from worker.backoff import backoff_delays
+from worker.transport import Channel, Transport, TransportError, TransportRefused
+
+log = logging.getLogger(__name__)
+
+
+class BossGone(TransportError):
+    """The boss stayed unreachable for longer than the worker was told to wait."""
+
+
+@dataclass
+class Welcome:
+    """The boss's answer to ``hello``."""
+
+    worker_id: int
+    name: str
+    lease_seconds: float
+    heartbeat_seconds: float
+    buckets: dict[str, str] = field(default_factory=dict)
+    default_bucket: str = ""
+
+
+@dataclass
+class PopReply:
+    tasks: list[Assignment]
+    retry_after: float = 0.0
+    drain: bool = False
+
+
+class BossClient:
+    """Calls to the boss; thread-safe; reconnects until ``give_up_after`` seconds."""
+
+    def __init__(self, transport: Transport, token: str, *, slots: int,
+                 give_up_after: float = 3600.0, backoff_base: float = 0.5,
+                 backoff_cap: float = 30.0, stop: threading.Event | None = None) -> None:
+        self.transport = transport
+        self._token = token
+        self.slots = slots
+        self.give_up_after = give_up_after
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.stop = stop or threading.Event()
+        self.welcome: Welcome | None = None
+        self._channel: Channel | None = None
+        self._lock = threading.Lock()
+        self._ids = iter(range(1, 1 << 62))
+        self.reconnects = 0
+
+    # --- the calls ----------------------------------------------------------------------
+
+    def hello(self) -> Welcome:
+        with self._lock:
+            self._ensure(reconnect=True)
+        assert self.welcome is not None
+        return self.welcome
+
+    def pop(self, n: int) -> PopReply:
+        r = self.call("pop", {"n": n})
+        if r.get("drain"):
+            return PopReply([], drain=True)
+        tasks = [Assignment.from_wire(t) for t in r.get("tasks", [])]
+        return PopReply(tasks, retry_after=float(r.get("retry_after", 0.0)))
+
+    def heartbeat(self, attempt_ids: list[int]) -> list[int]:
+        return [int(a) for a in self.call("heartbeat", {"attempts": attempt_ids})["cancel"]]
+
+    def event(self, attempt_id: int, kind: str, data: dict[str, Any]) -> None:
+        self.call("event", {"attempt_id": attempt_id, "kind": kind, "data": data},
+                  reconnect=False)
+
+    def complete(self, result: Result) -> bool:
+        """Report a result; False when the boss no longer takes it (not current)."""
+        try:
+            self.call("complete", result.to_wire())
+        except ProtocolError as exc:
+            if exc.code == Code.NOT_CURRENT:
+                log.warning("attempt %s: %s", result.attempt_id, exc.message)
+                return False
+            raise
+        return True
+
+    def goodbye(self, reason: str) -> None:
+        """Leave; best effort (the boss's leases cover a worker that vanishes)."""
+        with self._lock:
+            if self._channel is None:
+                return
+            try:
+                self._roundtrip(self._channel, "goodbye", {"reason": reason})
+            except (TransportError, ProtocolError) as exc:
+                log.info("goodbye not delivered: %s", exc)
+            self._drop()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def call(self, name: str, args: dict[str, Any], *, reconnect: bool = True
+             ) -> dict[str, Any]:
+        """One request/reply; reconnect and repeat on a broken link (unless told not to).
+
+        Raise ProtocolError for an error reply, BossGone when the boss stays away
+        past ``give_up_after``, TransportRefused when retrying cannot help.
+        """
+        with self._lock:
+            for _ in self._attempts(reconnect):
+                channel = self._ensure(reconnect)
+                try:
+                    return self._roundtrip(channel, name, args)
+                except TransportError as exc:
+                    self._drop()
+                    if not reconnect:
+                        raise
+                    log.warning("lost the boss during %s: %s", name, exc)
+                except ProtocolError as exc:
+                    if exc.code == Code.UNAUTHORIZED:
+                        # the boss restarted or forgot us mid-connection: hello again
+                        self._drop()
+                        continue
+                    raise
+        raise BossGone("stopped while waiting for the boss")
+
+    # --- the link -----------------------------------------------------------------------
+
+    def _attempts(self, reconnect: bool) -> Iterator[int]:
+        yield 0
+        if not reconnect:
+            return
+        yield 1  # a broken channel is retried once at once, then with backoff
+        deadline = time.monotonic() + self.give_up_after
+        for n, delay in enumerate(backoff_delays(self.backoff_base, self.backoff_cap), 2):
+            if self.stop.is_set():
+                return
+            if time.monotonic() + delay > deadline:
+                raise BossGone(f"the boss ({self.transport!r}) has been unreachable for "
+                               f"{self.give_up_after:g} s; giving up")
+            self.stop.wait(delay)
+            yield n
+
+    def _ensure(self, reconnect: bool) -> Channel:
+        if self._channel is not None:
+            return self._channel
+        last: Exception | None = None
+        for _ in self._attempts(reconnect):
+            try:
+                channel = self.transport.connect()
+            except TransportRefused:
+                raise
+            except TransportError as exc:
+                last = exc
+                log.warning("cannot reach the boss: %s", exc)
+                continue
+            try:
+                self.welcome = self._hello(channel)
+            except TransportError as exc:
+                channel.close()
+                last = exc
+                continue
+            except ProtocolError:
+                channel.close()
+                raise
+            if last is not None:
+                log.info("reconnected to the boss")
+            self._channel = channel
+            self.reconnects += 1
+            return channel
+        raise BossGone(f"the boss is unreachable: {last}") if last else BossGone(
+            "stopped while connecting to the boss")
+
+    def _hello(self, channel: Channel) -> Welcome:
+        r = self._roundtrip(channel, "hello", {
+            "token": self._token, "slots": self.slots, "host": socket.gethostname(),
+            "pid": os.getpid(), "version": messages.VERSION})
+        return Welcome(int(r["worker_id"]), str(r["name"]), float(r["lease_seconds"]),
+                       float(r["heartbeat_seconds"]), dict(r.get("buckets", {})),
+                       str(r.get("default_bucket", "")))
+
+    def _roundtrip(self, channel: Channel, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        rid = next(self._ids)
+        channel.send(messages.request(rid, name, args))
+        reply_id, result = messages.parse_reply(channel.recv_line())
+        if reply_id != rid:
+            # out of step: the stream cannot be trusted any more
+            channel.close()
+            raise TransportError(f"reply {reply_id} to request {rid}: out of step")
+        return result
+
+    def _drop(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None

@@ -1,0 +1,208 @@
+"""The worker daemon: slots that pull tasks, a heartbeat, and a clean exit.
+
+``Worker.run`` is the loop of ``worker run``:
+
+- the main thread asks the boss for as many tasks as there are free slots
+  (``pop``), starts one thread per task (:func:`worker.attempt.run_attempt`)
+  and waits for a slot to free up, the boss's ``retry_after`` to pass, or a
+  stop request;
+- a heartbeat thread renews the leases of the running attempts every
+  ``heartbeat_seconds`` and sets the cancel flag of every attempt the boss
+  no longer counts as current (cancelled by the user, or lost);
+- each slot thread reports its result (``complete``) itself.
+
+It ends when the boss answers ``drain`` (nothing waiting, ready or running)
+unless ``stay`` is set, or on :meth:`Worker.stop`: the first stop lets the
+running attempts finish and takes no new task, ``stop(cancel=True)`` (a
+second Ctrl-C) cancels them. Either way the worker says goodbye, so the boss
+requeues anything it did not finish at once rather than at lease expiry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.errors import ProtocolError
+from protocol.messages import Assignment, Result
+from worker.attempt import AttemptEnv, run_attempt
+from worker.client import BossClient, BossGone
+from worker.transport import TransportError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    assignment: Assignment
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+
+@dataclass
+class Summary:
+    """What a worker did, for its exit message and the tests."""
+
+    ran: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    refused: int = 0  # results the boss no longer took (lost or cancelled meanwhile)
+    reason: str = ""
+
+
+class Worker:
+    def __init__(self, client: BossClient, env: AttemptEnv, slots: int, *,
+                 stay: bool = False) -> None:
+        self.client = client
+        self.env = env
+        self.slots = slots
+        self.stay = stay
+        self.summary = Summary()
+        self._running: dict[int, _Running] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stopping = threading.Event()
+        self._finished = 0  # attempts ended so far; wakes the pull loop
+        self._beats_done = threading.Event()  # set once no attempt is left to renew
+
+    def stop(self, cancel: bool = False) -> None:
+        """Take no new task; with ``cancel``, also cancel the running attempts."""
+        self._stopping.set()
+        with self._changed:
+            if cancel:
+                for r in self._running.values():
+                    r.cancel.set()
+            self._changed.notify_all()
+
+    def run(self) -> Summary:
+        welcome = self.client.hello()
+        self.env.buckets = dict(welcome.buckets)
+        self.env.default_url = welcome.default_bucket or self.env.default_url
+        log.info("worker %s (id %d) joined the boss with %d slot(s)", welcome.name,
+                 welcome.worker_id, self.slots)
+        beat = threading.Thread(target=self._heartbeat, args=(welcome.heartbeat_seconds,),
+                                name="heartbeat", daemon=True)
+        beat.start()
+        reason = "stopped"
+        try:
+            reason = self._loop()
+        except BossGone as exc:
+            reason = str(exc)
+            log.error("%s", exc)
+            self.stop(cancel=True)
+        finally:
+            self._stopping.set()
+            self._join_all()
+            self._beats_done.set()
+            beat.join(timeout=30)
+            self.summary.reason = reason
+            self.client.goodbye(reason)
+            self.client.close()
+        return self.summary
+
+    # --- the pull loop ------------------------------------------------------------------
+
+    def _loop(self) -> str:
+        while not self._stopping.is_set():
+            with self._changed:
+                free = self.slots - len(self._running)
+                if free <= 0:
+                    self._changed.wait(timeout=5.0)
+                    continue
+            reply = self.client.pop(free)
+            if reply.drain:
+                if not self.stay:
+                    return "the queue is drained"
+                wait = max(self.client.welcome.heartbeat_seconds if self.client.welcome
+                           else 5.0, 1.0)
+            elif not reply.tasks:
+                wait = max(reply.retry_after, 0.05)
+            else:
+                for assignment in reply.tasks:
+                    self._start(assignment)
+                continue
+            with self._changed:
+                # a finished attempt may have released its children: ask again at once
+                finished = self._finished
+                self._changed.wait_for(
+                    lambda: self._stopping.is_set() or self._finished != finished,
+                    timeout=wait)
+        return "stopped"
+
+    def _start(self, assignment: Assignment) -> None:
+        entry = _Running(assignment)
+        thread = threading.Thread(target=self._slot, args=(entry,),
+                                  name=f"attempt-{assignment.attempt_id}", daemon=True)
+        entry.thread = thread
+        with self._changed:
+            self._running[assignment.attempt_id] = entry
+        log.info("task %s: attempt %d (try %d) started", assignment.name,
+                 assignment.attempt_id, assignment.number)
+        thread.start()
+
+    def _slot(self, entry: _Running) -> None:
+        a = entry.assignment
+        try:
+            result = run_attempt(a, self.env, self._emitter(a.attempt_id), entry.cancel)
+            self._report(a, result)
+        finally:
+            with self._changed:
+                self._running.pop(a.attempt_id, None)
+                self._finished += 1
+                self._changed.notify_all()
+
+    def _report(self, a: Assignment, result: Result) -> None:
+        log.info("task %s: attempt %d %s%s", a.name, a.attempt_id, result.outcome,
+                 f" ({result.reason})" if result.reason else "")
+        try:
+            accepted = self.client.complete(result)
+        except (BossGone, TransportError, ProtocolError) as exc:
+            log.error("task %s: attempt %d could not be reported: %s", a.name,
+                      a.attempt_id, exc)
+            accepted = False
+        with self._lock:
+            self.summary.ran += 1
+            if not accepted:
+                self.summary.refused += 1
+            elif result.outcome == "succeeded":
+                self.summary.succeeded += 1
+            else:
+                self.summary.failed += 1
+
+    def _emitter(self, attempt_id: int) -> Any:
+        def emit(kind: str, data: dict[str, Any]) -> None:
+            try:
+                self.client.event(attempt_id, kind, data)
+            except (TransportError, ProtocolError) as exc:
+                log.debug("event %s of attempt %d dropped: %s", kind, attempt_id, exc)
+        return emit
+
+    def _heartbeat(self, every: float) -> None:
+        while not self._beats_done.wait(every):
+            with self._lock:
+                ids = sorted(self._running)
+            if not ids:
+                continue
+            try:
+                cancel = self.client.heartbeat(ids)
+            except (BossGone, TransportError, ProtocolError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            with self._lock:
+                for attempt_id in cancel:
+                    entry = self._running.get(attempt_id)
+                    if entry is not None and not entry.cancel.is_set():
+                        log.info("task %s: attempt %d cancelled by the boss",
+                                 entry.assignment.name, attempt_id)
+                        entry.cancel.set()
+
+    def _join_all(self) -> None:
+        while True:
+            with self._lock:
+                threads = [r.thread for r in self._running.values() if r.thread]
+            if not threads:
+                return
+            for t in threads:
+                t.join()
