@@ -63,7 +63,7 @@ class WorkerSettings(_Table):
     workdir: str = ".ecloud/work"
     cache_dir: str = ".ecloud/cache"
     cache_bytes: int = Field(default=10_000_000_000, ge=0)
-    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    heartbeat_seconds: float = Field(default=1.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
     container_runtime: Literal["podman", "docker"] = "podman"
     container_args: list[str] = Field(default_factory=lambda: ["--runtime", "runc"])

@@ -81,11 +81,13 @@ def run(
     known_hosts: Path | None = _KNOWN,
     slots: int | None = typer.Option(None, "--slots", min=1, max=1024,
                                      help="Tasks run at once ([worker] slots)."),
-    stay: bool = typer.Option(False, "--stay", help="Keep polling when the queue drains "
-                              "(default: leave when nothing is waiting, ready or running)."),
+    burst: bool = typer.Option(False, "--burst", help="Leave when the queue is drained "
+                               "(nothing waiting, ready or running)."),
+    max_idle: float | None = typer.Option(None, "--max-idle", min=0, help="Leave after this "
+                                          "many seconds without a task."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
-    """Pull tasks from the boss and run them until the queue drains.
+    """Pull tasks from the boss and run them (until stopped, or see --burst, --max-idle).
 
     Ctrl-C (or SIGTERM) once: finish the running tasks, take no new ones.
     Twice: cancel the running tasks too. Either way the worker says goodbye.
@@ -100,7 +102,7 @@ def run(
     env = AttemptEnv(workdir_root=Path(w.workdir), buckets={}, default_url="",
                      cache=Cache(w.cache_dir, w.cache_bytes) if w.cache_bytes else None,
                      settings=w)
-    daemon = Worker(client, env, n, stay=stay)
+    daemon = Worker(client, env, n, burst=burst, max_idle=max_idle)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         cancel = stop.is_set()

@@ -11,8 +11,9 @@
   no longer counts as current (cancelled by the user, or lost);
 - each slot thread reports its result (``complete``) itself.
 
-It ends when the boss answers ``drain`` (nothing waiting, ready or running)
-unless ``stay`` is set, or on :meth:`Worker.stop`: the first stop lets the
+With ``burst`` it ends when the boss answers ``drain`` (nothing waiting,
+ready or running); with ``max_idle`` when it had no task for that many
+seconds; and always on :meth:`Worker.stop`: the first stop lets the
 running attempts finish and takes no new task, ``stop(cancel=True)`` (a
 second Ctrl-C) cancels them. Either way the worker says goodbye, so the boss
 requeues anything it did not finish at once rather than at lease expiry.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,11 +56,12 @@ class Summary:
 
 class Worker:
     def __init__(self, client: BossClient, env: AttemptEnv, slots: int, *,
-                 stay: bool = False) -> None:
+                 burst: bool = False, max_idle: float | None = None) -> None:
         self.client = client
         self.env = env
         self.slots = slots
-        self.stay = stay
+        self.burst = burst
+        self.max_idle = max_idle
         self.summary = Summary()
         self._running: dict[int, _Running] = {}
         self._lock = threading.Lock()
@@ -105,24 +108,28 @@ class Worker:
     # --- the pull loop ------------------------------------------------------------------
 
     def _loop(self) -> str:
+        idle_since = time.monotonic()
         while not self._stopping.is_set():
             with self._changed:
                 free = self.slots - len(self._running)
                 if free <= 0:
                     self._changed.wait(timeout=5.0)
                     continue
+                if self._running:
+                    idle_since = time.monotonic()
+            if self.max_idle is not None and time.monotonic() - idle_since >= self.max_idle:
+                return f"idle for {self.max_idle:g} s"
             reply = self.client.pop(free)
-            if reply.drain:
-                if not self.stay:
-                    return "the queue is drained"
-                wait = max(self.client.welcome.heartbeat_seconds if self.client.welcome
-                           else 5.0, 1.0)
-            elif not reply.tasks:
-                wait = max(reply.retry_after, 0.05)
-            else:
+            if reply.tasks:
+                idle_since = time.monotonic()
                 for assignment in reply.tasks:
                     self._start(assignment)
                 continue
+            if reply.drain and self.burst and not self._has_running():
+                return "the queue is drained"
+            wait = max(reply.retry_after, 0.05) if not reply.drain else 1.0
+            if self.max_idle is not None:
+                wait = min(wait, max(self.max_idle - (time.monotonic() - idle_since), 0.0))
             with self._changed:
                 # a finished attempt may have released its children: ask again at once
                 finished = self._finished
@@ -130,6 +137,10 @@ class Worker:
                     lambda: self._stopping.is_set() or self._finished != finished,
                     timeout=wait)
         return "stopped"
+
+    def _has_running(self) -> bool:
+        with self._lock:
+            return bool(self._running)
 
     def _start(self, assignment: Assignment) -> None:
         entry = _Running(assignment)

@@ -142,7 +142,7 @@ def test_example_over_ssh_tunnel_with_sftp_datastore(tmp_path: Path, sshd: Sshd)
         assert 'command="/bin/false"' in line.stdout
         site.serve()
         boss_url = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}?port={site.port}"
-        ran = site.run("worker", "run", "--boss", boss_url, "--token-file", "tok",
+        ran = site.run("worker", "run", "--boss", boss_url, "--token-file", "tok", "--burst",
                        "--key", "keys/ecloud_worker_ed25519",
                        "--known-hosts", str(sshd.known_hosts_path), "--slots", "3")
         summary = json.loads(ran.stdout)
@@ -182,7 +182,7 @@ def test_local_worker_over_tcp_failures_and_retry(site: Site, tmp_path: Path) ->
     site.run("boss", "admin", "add-worker", "--token-file", "tok", "--slots", "2")
     site.serve()
     ran = site.run("worker", "run", "--boss", f"tcp://127.0.0.1:{site.port}",
-                   "--token-file", "tok")
+                   "--token-file", "tok", "--burst")
     summary = json.loads(ran.stdout)
     assert (summary["ran"], summary["succeeded"], summary["failed"]) == (4, 1, 3), ran.stderr
     assert site.tasks() == {"flaky": "failed", "after-flaky": "upstream_failed",
@@ -220,7 +220,7 @@ def test_sisyphus_document_in_a_container(site: Site, tmp_path: Path) -> None:
     site.run("boss", "admin", "add-worker", "--token-file", "tok")
     site.serve()
     ran = site.run("worker", "run", "--boss", f"tcp://127.0.0.1:{site.port}",
-                   "--token-file", "tok")
+                   "--token-file", "tok", "--burst")
     assert json.loads(ran.stdout)["succeeded"] == 1, ran.stderr
     crypt = (store / "md5" / "crypt").read_text().split()
     assert crypt == [hashlib.md5(b"the quick brown fox\n").hexdigest(), "/mnt/clear"]
@@ -237,7 +237,7 @@ def test_boss_restart_mid_task(site: Site, tmp_path: Path) -> None:
     site.serve()
     worker = subprocess.Popen(
         [str(BIN / "worker"), "run", "--boss", f"tcp://127.0.0.1:{site.port}",
-         "--token-file", "tok"], cwd=site.root, env=site.env,
+         "--token-file", "tok", "--burst"], cwd=site.root, env=site.env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(200):  # bounded: until the task runs (at most 20 s)

@@ -1,0 +1,125 @@
+"""The worker daemon against an in-process `boss serve`: cancel, stop, idle, slots."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from boss.server import Server
+from boss.service import Boss
+from protocol.settings import Settings
+from tests.bossd import serving
+from tests.conftest import make_settings
+from tests.integration.test_transitions import push, states, task
+from worker.attempt import AttemptEnv
+from worker.client import BossClient
+from worker.daemon import Summary, Worker
+from worker.transport import TcpTransport
+
+BOUND = 60.0  # seconds; a bound on waiting, never an assertion about speed
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Boss, Server]]:
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path}/boss.db")
+    settings.worker.heartbeat_seconds = 0.2
+    settings.worker.poll_seconds = 0.1
+    boss = Boss(settings)
+    boss.init()
+    (tmp_path / "data").mkdir()
+    try:
+        with serving(boss) as server:
+            yield boss, server
+    finally:
+        boss.close()
+
+
+def start_worker(boss: Boss, server: Server, slots: int = 2, **kw: object
+                 ) -> tuple[Worker, threading.Thread, list[Summary]]:
+    _, _, token = boss.add_worker(slots=slots)
+    settings: Settings = boss.settings
+    client = BossClient(TcpTransport("127.0.0.1", server.port), token, slots=slots,
+                        give_up_after=30)
+    env = AttemptEnv(workdir_root=Path(settings.worker.workdir), cache=None, buckets={},
+                     default_url="", settings=settings.worker)
+    worker = Worker(client, env, slots, **kw)  # type: ignore[arg-type]
+    out: list[Summary] = []
+    thread = threading.Thread(target=lambda: out.append(worker.run()), daemon=True)
+    thread.start()
+    return worker, thread, out
+
+
+def wait_for(predicate: object, what: str) -> None:
+    deadline = time.monotonic() + BOUND
+    while time.monotonic() < deadline:  # bounded in time
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_cancel_kills_the_running_command(served: tuple[Boss, Server], tmp_path: Path) -> None:
+    boss, server = served
+    pidfile = tmp_path / "pid"
+    push(boss, tmp_path, [task("sleeper", commands=[
+        {"command": [f"echo $$ > {pidfile}; exec sleep 60"], "shell": True}])])
+    worker, thread, out = start_worker(boss, server, burst=True)
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the command to start")
+    pid = int(pidfile.read_text())
+    assert alive(pid)
+    boss.cancel("sleeper")
+    wait_for(lambda: not alive(pid), "the cancelled command to be killed")
+    thread.join(BOUND)
+    assert not thread.is_alive()
+    assert states(boss) == {"sleeper": "cancelled"}
+    assert boss.show("sleeper")["attempts"][0]["state"] == "cancelled"
+    assert out[0].reason == "the queue is drained"
+
+
+def test_stop_finishes_running_tasks_and_takes_no_more(served: tuple[Boss, Server],
+                                                       tmp_path: Path) -> None:
+    boss, server = served
+    flag = tmp_path / "go"
+    push(boss, tmp_path, [
+        task("first", commands=[{"command": [f"while [ ! -e {flag} ]; do sleep 0.05; done"],
+                                 "shell": True}], priority=1),
+        task("second")])
+    worker, thread, out = start_worker(boss, server, slots=1)
+    wait_for(lambda: states(boss)["first"] == "running", "the first task to run")
+    worker.stop()  # as the first SIGTERM
+    flag.write_text("")
+    thread.join(BOUND)
+    assert not thread.is_alive()
+    assert states(boss) == {"first": "succeeded", "second": "ready"}
+    assert out[0].succeeded == 1 and out[0].reason == "stopped"
+    assert [w["state"] for w in boss.workers(include_terminated=True)] == ["terminated"]
+
+
+def test_max_idle_and_slots(served: tuple[Boss, Server], tmp_path: Path) -> None:
+    boss, server = served
+    log = tmp_path / "concurrency.log"
+    # each task notes how many tasks run beside it: never more than the slots
+    cmd = (f"echo start >> {log}; n=$(grep -c start {log}); e=$(grep -c end {log}); "
+           f"echo $((n - e)) >> {tmp_path}/seen; sleep 0.2; echo end >> {log}")
+    push(boss, tmp_path, [task(f"t{i}", commands=[{"command": [cmd], "shell": True}])
+                          for i in range(6)])
+    _, thread, out = start_worker(boss, server, slots=2, max_idle=0.5)
+    thread.join(BOUND)
+    assert not thread.is_alive()
+    assert out[0].succeeded == 6 and out[0].reason == "idle for 0.5 s"
+    seen = [int(x) for x in (tmp_path / "seen").read_text().split()]
+    assert len(seen) == 6 and max(seen) <= 2
