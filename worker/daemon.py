@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from protocol.errors import ProtocolError
@@ -132,11 +133,11 @@ class Worker:
                 wait = min(wait, max(self.max_idle - (time.monotonic() - idle_since), 0.0))
             with self._changed:
                 # a finished attempt may have released its children: ask again at once
-                finished = self._finished
-                self._changed.wait_for(
-                    lambda: self._stopping.is_set() or self._finished != finished,
-                    timeout=wait)
+                self._changed.wait_for(partial(self._woken, self._finished), timeout=wait)
         return "stopped"
+
+    def _woken(self, finished: int) -> bool:
+        return self._stopping.is_set() or self._finished != finished
 
     def _has_running(self) -> bool:
         with self._lock:

@@ -159,7 +159,8 @@ def test_example_over_ssh_tunnel_with_sftp_datastore(tmp_path: Path, sshd: Sshd)
         refused = site.run("worker", "check", "--boss", boss_url, "--token-file", "tok",
                            "--key", "keys/ecloud_worker_ed25519",
                            "--known-hosts", "empty_known_hosts", check=False)
-        assert refused.returncode == 2 and "not in the known_hosts" in refused.stderr, refused.stderr
+        assert refused.returncode == 2, refused.stderr
+        assert "not in the known_hosts" in refused.stderr
     finally:
         site.stop()
 

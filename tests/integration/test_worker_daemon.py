@@ -77,7 +77,7 @@ def test_cancel_kills_the_running_command(served: tuple[Boss, Server], tmp_path:
     pidfile = tmp_path / "pid"
     push(boss, tmp_path, [task("sleeper", commands=[
         {"command": [f"echo $$ > {pidfile}; exec sleep 60"], "shell": True}])])
-    worker, thread, out = start_worker(boss, server, burst=True)
+    _, thread, out = start_worker(boss, server, burst=True)
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the command to start")
     pid = int(pidfile.read_text())
     assert alive(pid)
