@@ -68,7 +68,7 @@ if boss run --help >/dev/null 2>&1; then
     say "boss run (local workers until the queue drains)"
     boss run
 else
-    say "this version has no local workers yet (boss run): the tasks wait in the queue"
+    say "the quick start does not start workers yet (no \`boss run\`): the tasks wait in the queue"
 fi
 
 # 5. Where things stand.
