@@ -57,6 +57,7 @@ class Event:
     attempt_id: int
     kind: str
     data: dict[str, Any] = field(default_factory=dict)
+    ts: float | None = None  # when it happened (the worker's clock, bounded by the server)
 
 
 @dataclass(frozen=True)

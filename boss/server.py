@@ -23,6 +23,7 @@ import contextlib
 import logging
 import re
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 512
 EVENT_KIND = re.compile(r"[a-z][a-z_]{0,30}(\.[a-z][a-z_]{0,30}){0,3}")
 MAX_EVENT_BYTES = 16 * 1024
+MAX_EVENTS = 10_000
 
 
 class GroupCommit:
@@ -273,20 +275,32 @@ class Server:
         return {"cancel": cancel}
 
     async def _event(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
-        attempt_id = messages.arg(args, "attempt_id", int)
-        kind = messages.arg(args, "kind", str)
-        data = messages.arg(args, "data", dict, {})
+        """Progress events, batched by the worker: ``events`` [{attempt_id, kind, data, ts}]."""
+        raw = messages.arg(args, "events", list)
+        if len(raw) > MAX_EVENTS:
+            raise ProtocolError(Code.MALFORMED, f"more than {MAX_EVENTS} events in one call")
+        now = time.time()
+        batch = [self._one_event(conn, e, now) for e in raw]  # all checked before any applied
+        current = await asyncio.gather(*(self.commits.submit(e) for e in batch))
+        return {"not_current": sorted({e.attempt_id for e, ok in zip(batch, current,
+                                                                     strict=True) if not ok})}
+
+    def _one_event(self, conn: _Connection, e: Any, now: float) -> calls.Event:
+        if not isinstance(e, dict):
+            raise ProtocolError(Code.MALFORMED, "each event must be an object")
+        attempt_id = messages.arg(e, "attempt_id", int)
+        kind = messages.arg(e, "kind", str)
+        data = messages.arg(e, "data", dict, {})
+        ts = messages.arg(e, "ts", (int, float), now)
         if not EVENT_KIND.fullmatch(kind):
             raise ProtocolError(Code.MALFORMED, f"event kind {kind[:80]!r} is not valid "
                                 "(lower-case words joined by dots, e.g. stage_in.finished)")
         if len(messages.encode(data)) > MAX_EVENT_BYTES:
             raise ProtocolError(Code.MALFORMED, f"event data over {MAX_EVENT_BYTES} bytes")
-        current = await self.commits.submit(
-            calls.Event(self._me(conn), attempt_id, kind, data))
-        if not current:
-            raise ProtocolError(Code.NOT_CURRENT, f"attempt {attempt_id} is not a running "
-                                "attempt of this worker")
-        return {}
+        # the worker's clock stamps when it happened; never trust it beyond a lease's span
+        lease = self.boss.settings.boss.lease_seconds
+        return calls.Event(self._me(conn), attempt_id, kind, data,
+                           ts=min(max(float(ts), now - lease), now))
 
     async def _complete(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
         result = messages.Result.from_wire(args)

@@ -127,7 +127,7 @@ class Boss:
         self.set_context("datastore", _check_url(url))
 
     def set_bucket(self, name: str, url: str) -> None:
-        if not BUCKET_RE.match(name) or name == DEFAULT_BUCKET:
+        if not BUCKET_RE.fullmatch(name) or name == DEFAULT_BUCKET:
             raise UserError(f"bucket name {name!r} is not valid (letters, digits, _ . -; "
                             f"{DEFAULT_BUCKET!r} is the datastore: use set-datastore)")
         self.set_context(f"bucket.{name}", _check_url(url))
@@ -252,15 +252,14 @@ class Boss:
                 workers.update_worker(conn, worker_id, last_seen=now)
                 return tasks.heartbeat(conn, worker_id, attempt_ids, lease, now)
             case calls.Complete(worker_id, result):
-                if worker_id is not None:
-                    workers.update_worker(conn, worker_id, last_seen=now)
+                # last_seen is kept by pop and heartbeat; one write less per task here
                 return tasks.complete(conn, worker_id, result, now)
-            case calls.Event(worker_id, attempt_id, kind, data):
+            case calls.Event(worker_id, attempt_id, kind, data, ts):
                 task_id = tasks.running_task_of(conn, worker_id, attempt_id)
                 if task_id is None:
                     return False
                 event_rows.record(conn, kind, task_id=task_id, attempt_id=attempt_id,
-                                  worker_id=worker_id, data=data, ts=now)
+                                  worker_id=worker_id, data=data, ts=ts or now)
                 return True
             case calls.Hello(token, address, slots):
                 row = workers.by_token(conn, hash_token(token))

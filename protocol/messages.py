@@ -15,7 +15,8 @@ Calls and their arguments / results:
                -> {"tasks": [Assignment...]} | {"none": true, "retry_after": s}
                   | {"drain": true}
 ``heartbeat``  attempts [attempt ids]  -> {"cancel": [attempt ids]}
-``event``      attempt_id, kind, data {...}  -> {}
+``event``      events [{attempt_id, kind, data {...}, ts}]  (batched by the worker)
+               -> {"not_current": [attempt ids whose events were dropped]}
 ``complete``   attempt_id, outcome, exit_status, reason, metrics, stdout_tail,
                stderr_tail  -> {"accepted": true}  (error ``not_current`` when
                the attempt was lost or cancelled: the attempt id fences)

@@ -96,9 +96,10 @@ class BossClient:
     def heartbeat(self, attempt_ids: list[int]) -> list[int]:
         return [int(a) for a in self.call("heartbeat", {"attempts": attempt_ids})["cancel"]]
 
-    def event(self, attempt_id: int, kind: str, data: dict[str, Any]) -> None:
-        self.call("event", {"attempt_id": attempt_id, "kind": kind, "data": data},
-                  reconnect=False)
+    def events(self, events: list[dict[str, Any]]) -> None:
+        """Send queued progress events ({attempt_id, kind, data, ts}) in one call."""
+        if events:
+            self.call("event", {"events": events}, reconnect=False)
 
     def complete(self, result: Result) -> bool:
         """Report a result; False when the boss no longer takes it (not current)."""

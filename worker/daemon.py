@@ -35,6 +35,7 @@ from worker.client import BossClient, BossGone
 from worker.transport import TransportError
 
 log = logging.getLogger(__name__)
+MAX_QUEUED_EVENTS = 10_000  # beyond this (boss away for long), progress events are dropped
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Worker:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
+        self._events: list[dict[str, Any]] = []  # progress events waiting to be sent
         self._finished = 0  # attempts ended so far; wakes the pull loop
         self._beats_done = threading.Event()  # set once no attempt is left to renew
 
@@ -168,6 +170,7 @@ class Worker:
     def _report(self, a: Assignment, result: Result) -> None:
         log.info("task %s: attempt %d %s%s", a.name, a.attempt_id, result.outcome,
                  f" ({result.reason})" if result.reason else "")
+        self._flush_events()
         try:
             accepted = self.client.complete(result)
         except (BossGone, TransportError, ProtocolError) as exc:
@@ -185,14 +188,28 @@ class Worker:
 
     def _emitter(self, attempt_id: int) -> Any:
         def emit(kind: str, data: dict[str, Any]) -> None:
-            try:
-                self.client.event(attempt_id, kind, data)
-            except (TransportError, ProtocolError) as exc:
-                log.debug("event %s of attempt %d dropped: %s", kind, attempt_id, exc)
+            with self._lock:
+                if len(self._events) < MAX_QUEUED_EVENTS:
+                    self._events.append({"attempt_id": attempt_id, "kind": kind,
+                                         "data": data, "ts": time.time()})
         return emit
+
+    def _flush_events(self) -> None:
+        """Send the queued progress events in one call (each heartbeat, and before a result).
+
+        Progress is a report, not state: when the boss is away they are dropped
+        rather than held up, and the attempt goes on.
+        """
+        with self._lock:
+            events, self._events = self._events, []
+        try:
+            self.client.events(events)
+        except (TransportError, ProtocolError) as exc:
+            log.debug("%d progress events dropped: %s", len(events), exc)
 
     def _heartbeat(self, every: float) -> None:
         while not self._beats_done.wait(every):
+            self._flush_events()
             with self._lock:
                 ids = sorted(self._running)
             if not ids:

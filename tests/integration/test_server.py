@@ -92,8 +92,9 @@ def test_bad_arguments_change_nothing(served: tuple[Boss, int], tmp_path: Path) 
     assert c.call("heartbeat", {"attempts": ["x"]})["error"]["code"] == "malformed"
     assert c.call("complete", {"attempt_id": 1, "outcome": "great"})["error"]["code"] \
         == "malformed"
-    assert c.call("event", {"attempt_id": 1, "kind": "DROP TABLE"})["error"]["code"] \
-        == "malformed"
+    assert c.call("event", {"events": [{"attempt_id": 1, "kind": "DROP TABLE"}]}
+                  )["error"]["code"] == "malformed"
+    assert c.call("event", {"events": [1]})["error"]["code"] == "malformed"
     assert states(boss) == {"a": "ready"}
     # the connection still works after all those errors
     r = c.call("pop", {"n": 1})
@@ -110,9 +111,10 @@ def test_a_worker_cycle_over_the_wire(served: tuple[Boss, int], tmp_path: Path) 
     assert a["name"] == "a" and a["number"] == 1
     r = c.call("pop", {"n": 2})["result"]
     assert r["none"] and r["retry_after"] > 0
-    ev = c.call("event", {"attempt_id": a["attempt_id"], "kind": "stage_in.finished",
-                          "data": {"bytes": 10, "seconds": 0.1}})
-    assert ev["ok"]
+    ev = c.call("event", {"events": [
+        {"attempt_id": a["attempt_id"], "kind": "stage_in.finished",
+         "data": {"bytes": 10, "seconds": 0.1}, "ts": 0}]})
+    assert ev["result"] == {"not_current": []}
     assert c.call("heartbeat", {"attempts": [a["attempt_id"], 999]})["result"] == {
         "cancel": [999]}
     done = c.call("complete", {"attempt_id": a["attempt_id"], "outcome": "succeeded",
@@ -145,8 +147,8 @@ def test_another_workers_attempt_cannot_be_reported(served: tuple[Boss, int],
     (a,) = c1.call("pop", {"n": 1})["result"]["tasks"]
     r = c2.call("complete", {"attempt_id": a["attempt_id"], "outcome": "succeeded"})
     assert r["error"]["code"] == "not_current"
-    ev = c2.call("event", {"attempt_id": a["attempt_id"], "kind": "x.y"})
-    assert ev["error"]["code"] == "not_current"
+    ev = c2.call("event", {"events": [{"attempt_id": a["attempt_id"], "kind": "x.y"}]})
+    assert ev["result"]["not_current"] == [a["attempt_id"]]
     assert states(boss) == {"a": "running"}
     c1.close()
     c2.close()
