@@ -260,6 +260,11 @@ class _Attempt:
                                               guard=partial(layout.guard, where=b.field))
                 except DatastoreError as exc:
                     raise StagingError(f"staging: output {b.remote} ({b.field}): {exc}") from exc
+            for b, (fs, _, final) in zip(outputs, pending, strict=True):
+                try:  # a conflict found now leaves every output unpublished
+                    datastore.check_publish(fs, final)
+                except DatastoreError as exc:
+                    raise StagingError(f"staging: output {b.remote} ({b.field}): {exc}") from exc
             while pending:  # ... then each into place, so no final path is ever partial
                 fs, temp, final = pending[0]
                 datastore.publish(fs, temp, final)
@@ -344,7 +349,7 @@ class _Attempt:
     def _upload_logs(self, store: datastore.Datastore) -> None:
         if self.execution is None:
             return
-        prefix = f"ecloud-logs/{self.a.name}/{self.a.attempt_id}"
+        prefix = log_prefix(self.a.name, self.a.attempt_id)
         try:
             for step in self.execution.steps:
                 for path, ext in ((step.stdout_log, "stdout"), (step.stderr_log, "stderr")):
@@ -355,6 +360,17 @@ class _Attempt:
         except WorkerError as exc:  # the task's result stands; its logs are a convenience
             log.warning("attempt %s: logs not uploaded to %s: %s", self.a.attempt_id,
                         prefix, exc)
+
+
+def log_prefix(task: str, attempt_id: int) -> str:
+    """``ecloud-logs/<task>/<attempt>`` in the default bucket, whatever the task's name.
+
+    A name may hold ``/`` (kept: it groups logs), but its ``.`` and ``..``
+    segments are escaped (``%2E``) and empty ones dropped, so that no name can
+    place logs outside ``ecloud-logs/`` or outside the bucket.
+    """
+    parts = [p.replace(".", "%2E") if p in (".", "..") else p for p in task.split("/") if p]
+    return "/".join(["ecloud-logs", *(parts or ["%2E"]), str(attempt_id)])
 
 
 def _bindings(mapping: dict[str, str], what: str, layout: Layout) -> list[Binding]:

@@ -89,15 +89,17 @@ class CliRuntime(ContainerRuntime):
     """podman or docker driven through its command line.
 
     ``global_args`` go before the subcommand (podman's ``--runtime runc``),
-    ``run_args`` after ``run`` (docker's ``--runtime``).
+    ``run_args`` after ``run`` (docker's ``--runtime``), ``rm_args`` after
+    ``rm --force`` (podman's ``--time 0``).
     """
 
     def __init__(self, executable: str, *, global_args: Sequence[str] = (),
-                 run_args: Sequence[str] = ()) -> None:
+                 run_args: Sequence[str] = (), rm_args: Sequence[str] = ()) -> None:
         self.name = executable
         self.executable = executable
         self.global_args = list(global_args)
         self.run_args = list(run_args)
+        self.rm_args = list(rm_args)
 
     def check(self) -> None:
         if shutil.which(self.executable) is None:
@@ -124,8 +126,10 @@ class CliRuntime(ContainerRuntime):
         return [*cmd, spec.image, *argv]
 
     def remove(self, name: str) -> None:
-        # kill first: `rm --force` alone waits for a graceful stop (10 s by default)
-        for sub in (["kill", name], ["rm", "--force", name]):
+        # kill first: `rm --force` alone waits for a graceful stop (10 s by default).
+        # The kill misses a container that is still being created; podman's rm then
+        # needs --time 0, else it gives that container the same 10 s.
+        for sub in (["kill", name], ["rm", "--force", *self.rm_args, name]):
             try:
                 subprocess.run([self.executable, *self.global_args, *sub], capture_output=True,
                                timeout=_CLI_TIMEOUT, check=False)
@@ -134,7 +138,7 @@ class CliRuntime(ContainerRuntime):
 
 
 RUNTIMES: dict[str, Callable[[Sequence[str]], ContainerRuntime]] = {
-    "podman": lambda extra: CliRuntime("podman", global_args=extra),
+    "podman": lambda extra: CliRuntime("podman", global_args=extra, rm_args=["--time", "0"]),
     "docker": lambda extra: CliRuntime("docker", run_args=extra),
 }
 """Runtime name (``[worker] container_runtime``) -> factory taking ``container_args``."""

@@ -95,7 +95,7 @@ def _open_sftp(url: str, options: Mapping[str, Any]) -> Location:
         "username": unquote(parts.username) if parts.username else None,
         "look_for_keys": False,
         "allow_agent": False,
-        "timeout": float(opts.pop("timeout", 30)),
+        "timeout": _seconds(url, opts.pop("timeout", 30)),
         "host_key_policy": _PinnedHostKeys(known_hosts),
         "skip_instance_cache": True,
     }
@@ -104,11 +104,19 @@ def _open_sftp(url: str, options: Mapping[str, Any]) -> Location:
     kwargs.update(opts)
     try:
         fs = fsspec.filesystem("sftp", host=parts.hostname, **kwargs)
-    except (OSError, paramiko.SSHException) as exc:
+    except Exception as exc:  # OSError, SSHException, TypeError for an unknown option
         raise DatastoreError(
             f"cannot open datastore {_public(url)}: {exc}; check the host, port, user, "
             "key_filename and known_hosts of the bucket URL") from exc
     return Location(fs, unquote(parts.path) or "/", url)
+
+
+def _seconds(url: str, value: Any) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise DatastoreError(f"datastore {_public(url)}: timeout={value!r} is not a number of "
+                             "seconds") from None
 
 
 def _object_store(scheme: str, extra: str, module: str) -> Callable[[str, Mapping[str, Any]],
@@ -273,8 +281,16 @@ def local_files(local: Path, guard: Callable[[Path], None]) -> list[tuple[Path, 
         for name in sorted(filenames):
             path = Path(dirpath, name)
             guard(path)
+            _check_regular(path)
             out.append((path, path.relative_to(local).as_posix()))
     return out
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse what is not a regular file: opening a FIFO to read it would block forever."""
+    if not path.is_file():
+        raise PathError(f"{path} is not a regular file (a FIFO, socket, device or broken "
+                        "link): outputs may only hold regular files and directories")
 
 
 def upload(fs: FileSystem, local: Path, rpath: str, *, guard: Callable[[Path], None],
@@ -286,6 +302,7 @@ def upload(fs: FileSystem, local: Path, rpath: str, *, guard: Callable[[Path], N
             fs.makedirs(rpath.rstrip("/"), exist_ok=True)
     else:
         guard(local)
+        _check_regular(local)
         items = [(local, rpath)]
     moved = 0
     made: set[str] = set()
@@ -301,16 +318,29 @@ def upload(fs: FileSystem, local: Path, rpath: str, *, guard: Callable[[Path], N
     return moved
 
 
+def check_publish(fs: FileSystem, final: str) -> None:
+    """Refuse a final path that :func:`publish` could not replace (a file over a directory).
+
+    Called for every output before the first one is moved, so that a conflict
+    leaves no output of the attempt published.
+    """
+    if final.endswith("/"):
+        return  # a directory output replaces whatever is there
+    with translated(f"checking {final}"):
+        if fs.isdir(final):
+            raise DatastoreError(f"{final} already exists as a directory; "
+                                 "remove it or end the output's path with '/'")
+
+
 def publish(fs: FileSystem, temp: str, final: str) -> None:
     """Move an uploaded temporary file or directory to its final path, replacing it."""
     is_dir = final.endswith("/")
     src, dst = temp.rstrip("/"), final.rstrip("/")
     with translated(f"moving {src} into place at {dst}"):
         if fs.exists(dst):
-            if fs.isdir(dst) and not is_dir:
-                raise DatastoreError(f"output {dst} already exists as a directory; "
-                                     "remove it or end the output's path with '/'")
-            if is_dir:
+            if not is_dir:
+                check_publish(fs, dst)  # again: it may have appeared since the check
+            else:
                 # a directory cannot be renamed over a non-empty one: the old
                 # output of an earlier attempt of this task goes first
                 fs.rm(dst, recursive=True)

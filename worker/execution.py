@@ -64,7 +64,9 @@ class Step:
     stdin: Path | None = None
     stdout: Path | None = None
     stderr: Path | None = None
-    on_kill: Callable[[], None] | None = None  # e.g. remove the step's container
+    # e.g. remove the step's container; on timeout or cancel it runs before the
+    # process group is signalled and again once the command is dead
+    on_kill: Callable[[], None] | None = None
 
 
 @dataclass
@@ -193,6 +195,11 @@ def _run_one(i: int, step: Step, cwd: Path, env: Mapping[str, str], deadline: fl
         _signal_group(proc.pid, signal.SIGKILL)  # leftovers; the zombie leader holds the pgid
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    if why is not None and step.on_kill is not None:
+        # again, now that the command is dead: a container runtime's client killed
+        # while it was still creating the container may have created it after the
+        # first call, and nothing else would ever remove it
+        step.on_kill()
     res.exit_status = proc.returncode
     res.wall = time.monotonic() - start
     res.cpu = usage.ru_utime + usage.ru_stime
