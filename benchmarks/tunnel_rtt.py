@@ -20,10 +20,10 @@ from pathlib import Path
 # a script, not a package module: make the repository importable for tests.sshd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from protocol import messages  # noqa: E402
-from tests.echo import EchoServer  # noqa: E402
-from tests.sshd import start_sshd  # noqa: E402
-from worker.transport import SshTunnelTransport, TcpTransport, Transport  # noqa: E402
+from protocol import messages
+from tests.echo import EchoServer
+from tests.sshd import start_sshd
+from worker.transport import SshTunnelTransport, TcpTransport, Transport
 
 GOAL_MS = 0.5
 WARMUP = 200

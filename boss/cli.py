@@ -14,6 +14,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from boss import keys, render, server
 from boss.errors import UserError
@@ -24,10 +25,11 @@ from protocol.settings import load_settings
 
 out = Console(highlight=False, soft_wrap=True)
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=False,
                   help="ecloud boss: push tasks, watch them run, manage workers.")
-admin = typer.Typer(no_args_is_help=True, help="Administration: status, context, workers.")
-dbapp = typer.Typer(no_args_is_help=True, help="Database schema.")
+admin = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                    help="Administration: status, context, workers.")
+dbapp = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Database schema.")
 app.add_typer(admin, name="admin")
 app.add_typer(dbapp, name="db")
 
@@ -60,7 +62,7 @@ def init(ctx: typer.Context) -> None:
     """Create the database (SQLite file by default) and apply all migrations."""
     boss = _boss(ctx)
     boss.init()
-    err.print(f"database ready: {boss.status()['database']}")
+    err.print(f"database ready: {boss.status()['database']}", markup=False)
 
 
 @app.command("push-tasks")
@@ -134,7 +136,8 @@ def retry(
 def cancel(ctx: typer.Context, task: str = typer.Argument(..., help="Task name.")) -> None:
     """Cancel a task; a running attempt is stopped at its worker's next heartbeat."""
     was = _boss(ctx).cancel(task)
-    err.print(f"cancelled {task} (was {was}); tasks depending on it are upstream_failed")
+    err.print(f"cancelled {task} (was {was}); tasks depending on it are upstream_failed",
+              markup=False)
 
 
 @admin.command()
@@ -158,13 +161,14 @@ def show_context(ctx: typer.Context,
     if as_json:
         _json({"context": data, "buckets": buckets, "datastore": default})
         return
+    # keys and URLs are user input: Text cells are never read as rich markup
     table = Table("key", "value", title="context")
     for k, v in data.items():
-        table.add_row(k, v)
+        table.add_row(Text(k), Text(v))
     out.print(table)
     btable = Table("bucket", "url", title="buckets in effect")
     for k, v in sorted(buckets.items()):
-        btable.add_row(k, v)
+        btable.add_row(Text(k), Text(v))
     out.print(btable)
 
 
@@ -174,7 +178,7 @@ def set_datastore(ctx: typer.Context, url: str = typer.Argument(
         ) -> None:
     """Set the datastore: the URL of the default bucket."""
     _boss(ctx).set_datastore(url)
-    err.print(f"datastore set to {url}")
+    err.print(f"datastore set to {url}", markup=False)
 
 
 @admin.command("set-bucket")
@@ -182,7 +186,7 @@ def set_bucket(ctx: typer.Context, name: str = typer.Argument(..., help="Bucket 
                url: str = typer.Argument(..., help="Datastore URL for it.")) -> None:
     """Map a bucket name (as in `name:path` in documents) to a datastore URL."""
     _boss(ctx).set_bucket(name, url)
-    err.print(f"bucket {name} -> {url}")
+    err.print(f"bucket {name} -> {url}", markup=False)
 
 
 @admin.command("drop-context")
@@ -221,7 +225,7 @@ def add_worker(
     token_file.chmod(0o600)
     token_file.write_text(token + "\n")
     out.print(wid)
-    err.print(f"worker {wname} registered; token in {token_file}")
+    err.print(f"worker {wname} registered; token in {token_file}", markup=False)
 
 
 @admin.command("authorize-worker-key")

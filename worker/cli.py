@@ -26,7 +26,7 @@ from worker.daemon import Worker
 from worker.errors import WorkerError
 from worker.transport import TransportRefused, transport_from_url
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=False,
                   help="ecloud worker: pull tasks from a boss and run them.")
 
 

@@ -74,7 +74,7 @@ def test_failure_retries_then_fails_and_cascades(boss: Boss, tmp_path: Path) -> 
     push(boss, tmp_path, [task("a", retries=1), task("b", after=["a"]),
                           task("c", after=["b"]), task("free")])
     w = worker(boss)
-    first = [x for x in boss.claim(w, 10) if x.name == "a"][0]
+    first = next(x for x in boss.claim(w, 10) if x.name == "a")
     ended = boss.complete(w, bad(first.attempt_id))
     assert ended is not None and ended.task_state == "ready"
     (second,) = [x for x in boss.claim(w, 10) if x.name == "a"]

@@ -155,7 +155,7 @@ def test_generate_never_overwrites_a_key(tmp_path: Path) -> None:
     assert private.read_bytes() == before
     # a stray .pub alone blocks too, and leaves no half pair behind
     (tmp_path / "other.pub").write_text("x")
-    with pytest.raises(UserError, match="other.pub already exists"):
+    with pytest.raises(UserError, match=r"other\.pub already exists"):
         generate_worker_keypair(tmp_path, name="other")
     assert not (tmp_path / "other").exists()
 

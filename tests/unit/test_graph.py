@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import pytest
@@ -20,7 +21,7 @@ def assert_real_cycle(parents: Sequence[Sequence[int]], cycle: list[int] | None)
     assert len(cycle) >= 2
     assert cycle[0] == cycle[-1]
     assert len(set(cycle[:-1])) == len(cycle) - 1, "a cycle visits each node once"
-    for a, b in zip(cycle, cycle[1:], strict=False):
+    for a, b in itertools.pairwise(cycle):
         assert a in parents[b], f"{a} -> {b} is not an edge (parents[{b}] = {parents[b]})"
 
 
@@ -131,7 +132,7 @@ def test_back_edge_along_a_path_makes_a_cycle(parents: list[list[int]], data: st
     n = len(parents)
     # a path through increasing nodes: each runs before the next
     path = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=2, max_size=n)))
-    for a, b in zip(path, path[1:], strict=False):
+    for a, b in itertools.pairwise(path):
         if a not in parents[b]:
             parents[b].append(a)
     assert find_cycle(parents) is None

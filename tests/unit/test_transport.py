@@ -168,5 +168,5 @@ def test_an_encrypted_key_is_refused_with_the_reason(tmp_path: Path) -> None:
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
         serialization.BestAvailableEncryption(b"secret")))
     ssh = SshTunnelTransport("127.0.0.1", 2222, "u", key, _pinned(tmp_path))
-    with pytest.raises(TransportError, match="is encrypted.*without a passphrase"):
+    with pytest.raises(TransportError, match=r"is encrypted.*without a passphrase"):
         ssh.connect()
