@@ -142,6 +142,9 @@ class TaskDocument(BaseModel):
             raise ValueError(
                 "a name may hold letters, digits and _ . : @ + - / and must not start with '/'"
             )
+        if name is not None and any(part in ("", ".", "..") for part in name.split("/")):
+            # names become path segments (logs): no empty, '.' or '..' segment
+            raise ValueError("a name must not have an empty, '.' or '..' part between '/'")
         return name
 
     @field_validator("inputs", "outputs")

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# ecloud's debug.sh: find out why a worker does not come up.
+# ecloud's debug.sh: run a worker's start-up in the foreground, traced, to see why
+# it does not come up or does not take tasks.
 #
-# Not written yet: it needs the worker startup script (run on a VM's boot),
-# which has not landed. When it does, this script will, on the worker machine:
-#   1. re-run the worker's startup script with `set -x` tracing, so every step
-#      (install, settings, key, start of `worker run`) is shown as it runs;
-#   2. print the boss connection check (`worker check`: SSH connection with the
-#      boss's host key pinned, tunnel to the RPC port, hello with the token).
+#   scripts/debug.sh [SETTINGS_FILE] [worker run options...]
+#
+# With `set -x` every step is shown as it runs: which settings file, which
+# `worker` executable, the connection check (`worker check`: SSH connection with
+# the pinned host key, the tunnel to the boss's RPC port, `hello` with the
+# worker's token), then `worker run --verbose` with debug logging, exactly as a
+# worker machine starts it ([worker] boss, token_file, ssh_key, known_hosts
+# from the settings file). Stop it with Ctrl-C (once: finish the running tasks;
+# twice: cancel them).
 set -euo pipefail
+set -x
 
-cat >&2 <<'MSG'
-debug.sh: not available yet (there is no worker startup script to re-run).
-It will re-run a worker's startup script with `set -x` tracing and print the
-boss connection check. The check alone already exists:
-    worker check --boss URL --token-file FILE [--key KEY --known-hosts FILE]
-Nothing was done.
-MSG
-exit 0
+settings="${1:-${ECLOUD_SETTINGS:-ecloud.toml}}"
+shift || true
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+worker="${ECLOUD_WORKER_BIN:-$here/.venv/bin/worker}"
+[[ -x "$worker" ]] || worker="$(command -v worker)"
+[[ -f "$settings" ]] || { echo "debug.sh: settings file $settings not found" >&2; exit 2; }
+
+"$worker" --settings "$settings" check
+exec "$worker" --settings "$settings" run --verbose "$@"

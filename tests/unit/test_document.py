@@ -475,3 +475,9 @@ def test_settings_file_not_utf8_or_missing(here: Path, tmp_path: Path) -> None:
     assert str(f) in str(info.value)
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(str(tmp_path / "missing.toml"), environ={})
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/../b", "a//b", "a/", "x/./y"])
+def test_names_have_no_dot_or_empty_segments(name: str) -> None:
+    problems = problems_of(good(name=name))
+    assert problems and problems[0].field == "name"
