@@ -353,7 +353,8 @@ class _Attempt:
         try:
             for step in self.execution.steps:
                 for path, ext in ((step.stdout_log, "stdout"), (step.stderr_log, "stderr")):
-                    if path is not None and path.is_file():
+                    # an empty log says nothing; skipping it saves two copies per quiet task
+                    if path is not None and path.is_file() and path.stat().st_size:
                         fs, rpath = store.resolve(RemotePath("default",
                                                              f"{prefix}/{step.index}.{ext}"))
                         datastore.upload(fs, path, rpath, guard=lambda p: None)

@@ -23,7 +23,7 @@ from protocol.messages import Assignment, Result
 from protocol.settings import WorkerSettings
 from tests import sshd as sshd_helper
 from tests.sshd import Sshd
-from worker.attempt import AttemptEnv, run_attempt
+from worker.attempt import AttemptEnv, log_prefix, run_attempt
 from worker.cache import Cache
 
 sshd = sshd_helper.sshd  # the fixture; assigned, not imported, so ruff sees no F811
@@ -146,9 +146,8 @@ def test_cloud_mode_end_to_end(h: Harness) -> None:
     assert m["wall"] > 0 and m["max_rss"] > 0 and m["cpu"] >= 0
     assert "stage_in_seconds" in m and "stage_out_seconds" in m
 
-    # full logs in the default bucket; the work directory is gone
-    assert tree(h.logs) == {"ecloud-logs/md5-clear/101/0.stderr": b"",
-                            "ecloud-logs/md5-clear/101/1.stdout": b"to-stdout\n",
+    # full logs in the default bucket (empty ones are not copied); the work dir is gone
+    assert tree(h.logs) == {"ecloud-logs/md5-clear/101/1.stdout": b"to-stdout\n",
                             "ecloud-logs/md5-clear/101/1.stderr": b"to-stderr\n"}
     assert list((h.tmp / "work").iterdir()) == []
 
@@ -201,7 +200,7 @@ def test_local_mode_runs_in_place(h: Harness) -> None:
     assert h.event(aid, "stage-in.finished")["bytes"] == 0
     assert h.event(aid, "stage-out.finished")["bytes"] == 0
     assert (workdir / "in" / "clear.txt").is_file()  # the shared directory is not removed
-    assert tree(h.logs) == {f"ecloud-logs/in-place/{aid}/0.stderr": b""}
+    assert tree(h.logs) == {}  # the command printed nothing: no empty log is copied
 
 
 def test_local_mode_missing_input(h: Harness) -> None:
@@ -458,12 +457,16 @@ def test_leftover_work_dir_of_a_crashed_attempt_is_replaced(h: Harness) -> None:
 
 @pytest.mark.parametrize("name", ["../../escaped", "..", "a/../../../escaped", "./x//y"])
 def test_task_name_cannot_move_logs_out_of_ecloud_logs(h: Harness, name: str) -> None:
+    """Such names are refused at push; a worker handed one anyway refuses to run it."""
     aid = next(_ids)
     result = h.run({"name": name, "commands": [{"command": ["sh", "-c", "echo out"]}]},
                    attempt_id=aid)
-    assert result.outcome == "succeeded", result.reason
-    logs = tree(h.logs)
-    assert len(logs) == 2 and all(p.startswith("ecloud-logs/") for p in logs), logs
-    assert [p for p in logs if p.endswith(f"/{aid}/0.stdout")], logs
+    assert result.outcome == "failed" and "name" in result.reason, result.reason
+    assert tree(h.logs) == {}
     assert not (h.tmp / "escaped").exists()
-    assert sorted(os.listdir(h.tmp)) == ["cache", "data", "default", "work"]
+    assert "escaped" not in os.listdir(h.tmp)
+
+
+def test_log_prefix_escapes_dot_segments() -> None:
+    assert log_prefix("../../x", 3) == "ecloud-logs/%2E%2E/%2E%2E/x/3"
+    assert log_prefix("./x//y", 4) == "ecloud-logs/%2E/x/y/4"
