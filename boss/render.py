@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 STATE_STYLE = {
@@ -27,21 +28,26 @@ def _ago(ts: float | None) -> str:
 
 
 def _state(s: str) -> str:
-    return f"[{STATE_STYLE.get(s, '')}]{s}[/]"
+    return f"[{STATE_STYLE.get(s, '')}]{escape(s)}[/]"
+
+
+def _text(value: str | None, limit: int | None = None) -> str:
+    """User data (names, reasons, URLs, errors) for a markup string: never read as markup."""
+    return escape((value or "")[:limit])
 
 
 def tasks_table(rows: list[dict[str, Any]]) -> Table:
     table = Table("id", "name", "state", "priority", "tries", "updated", "reason")
     for r in rows:
-        table.add_row(str(r["id"]), r["name"], _state(r["state"]), str(r["priority"]),
+        table.add_row(str(r["id"]), _text(r["name"]), _state(r["state"]), str(r["priority"]),
                       f"{r['tries']}/{r['max_tries']}" + (f" +{r['lost']} lost" if r["lost"]
                                                           else ""),
-                      _ago(r["updated_at"]), (r["reason"] or "")[:60])
+                      _ago(r["updated_at"]), _text(r["reason"], 60))
     return table
 
 
 def task_detail(out: Console, d: dict[str, Any]) -> None:
-    out.print(f"[bold]{d['name']}[/] (id {d['id']}): {_state(d['state'])}  "
+    out.print(f"[bold]{_text(d['name'])}[/] (id {d['id']}): {_state(d['state'])}  "
               f"priority {d['priority']}  tries {d['tries']}/{d['max_tries']}  "
               f"lost {d['lost']}")
     if d["reason"]:
@@ -63,7 +69,7 @@ def task_detail(out: Console, d: dict[str, Any]) -> None:
                       _state(a["state"]), _ago(a["started_at"]),
                       f"{wall:.2f}" if wall is not None else "-",
                       "-" if a["exit_status"] is None else str(a["exit_status"]),
-                      (a["reason"] or "")[:60])
+                      _text(a["reason"], 60))
     out.print(table)
     last = d["attempts"][-1]
     if last.get("stderr_tail"):
@@ -80,14 +86,14 @@ def status(out: Console, d: dict[str, Any]) -> None:
     out.print(table)
     wt = Table("state", "workers", title="workers")
     for state, n in sorted(d["workers"].items()):
-        wt.add_row(state, str(n))
+        wt.add_row(_text(state), str(n))
     out.print(wt)
     for e in d["worker_errors"]:
-        out.print(f"[red]{e['count']} workers not created:[/] {e['error']}")
+        out.print(f"[red]{e['count']} workers not created:[/] {_text(e['error'])}")
     if d["context"]:
         ct = Table("key", "value", title="context")
         for k, v in d["context"].items():
-            ct.add_row(k, v)
+            ct.add_row(_text(k), _text(v))
         out.print(ct)
     out.print(f"database: {d['database']}", markup=False)
 
@@ -96,8 +102,8 @@ def workers_table(rows: list[dict[str, Any]]) -> Table:
     table = Table("id", "name", "provider", "state", "address", "slots", "last seen",
                   "running", "tasks", "error")
     for w in rows:
-        table.add_row(str(w["id"]), w["name"], w["provider"], w["state"],
-                      w["address"] or w["reference"] or "-", str(w["slots"]),
-                      _ago(w["last_seen"]), str(w["running"]), ", ".join(w["tasks"]),
-                      (w["error"] or "")[:50])
+        table.add_row(str(w["id"]), _text(w["name"]), _text(w["provider"]), _text(w["state"]),
+                      _text(w["address"] or w["reference"] or "-"), str(w["slots"]),
+                      _ago(w["last_seen"]), str(w["running"]), _text(", ".join(w["tasks"])),
+                      _text(w["error"], 50))
     return table

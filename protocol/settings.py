@@ -132,6 +132,9 @@ def load_settings(
             data = tomllib.loads(file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SettingsError(f"settings file {file} does not exist") from None
+        except OSError as exc:  # a directory, no permission, ...
+            raise SettingsError(f"settings file {file} cannot be read: "
+                                f"{exc.strerror or exc}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise SettingsError(f"settings file {file} is not valid TOML: {exc}") from None
         source = str(file)
@@ -154,6 +157,8 @@ def load_settings(
         err = exc.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (settings.example.toml lists every key)"
         raise SettingsError(f"{source}: [{loc}] {msg}") from None
     return absolutize(settings, base)
 
