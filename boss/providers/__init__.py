@@ -1,0 +1,109 @@
+"""Providers: what creates and deletes workers (local processes, SSH hosts, Compute Engine).
+
+One interface, :class:`Provider`, and one implementation per kind, found by
+name in :data:`PROVIDERS` (the settings' ``[provider] default`` or a
+``--provider`` option). The autoscaler and the CLI speak only to the
+interface. A provider never touches the database: the service records what
+it reports (the worker's reference, or the error that stopped its creation).
+
+    ProviderError (BossError)   a provider call failed; the message names the
+                                provider and what to do
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from boss.errors import BossError
+from protocol.settings import Settings
+
+
+class ProviderError(BossError):
+    """A provider could not create, delete or list workers."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker to create: the row already exists (state ``provisioning``)."""
+
+    worker_id: int
+    name: str
+    token: str  # the worker's secret; only its hash is in the database
+    slots: int
+    spot: bool = False
+
+
+@dataclass(frozen=True)
+class Created:
+    """A worker the provider started: ``reference`` finds it again (pid, host, instance)."""
+
+    worker_id: int
+    reference: str
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A worker the provider could not start; ``error`` is shown in `boss admin status`."""
+
+    worker_id: int
+    error: str  # short and groupable, e.g. "QUOTA_EXCEEDED CPUS in us-central1"
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Something the provider runs for this boss (to find orphans)."""
+
+    reference: str
+    name: str
+    alive: bool
+
+
+class Provider(ABC):
+    """Creates, deletes and lists this boss's workers."""
+
+    name: str
+
+    @abstractmethod
+    def create(self, specs: Sequence[WorkerSpec]) -> list[Created | Failed]:
+        """Start one worker per spec; never raise for one worker's failure."""
+
+    @abstractmethod
+    def delete(self, reference: str) -> None:
+        """Stop and remove a worker; deleting one that is already gone is not an error."""
+
+    @abstractmethod
+    def list(self) -> list[Instance]:
+        """The workers this provider runs for this boss."""
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Release what the provider holds (processes are not stopped by this)."""
+
+
+ProviderFactory = Callable[[Settings], Provider]
+PROVIDERS: dict[str, ProviderFactory] = {}
+
+
+def register(name: str) -> Callable[[ProviderFactory], ProviderFactory]:
+    def add(factory: ProviderFactory) -> ProviderFactory:
+        PROVIDERS[name] = factory
+        return factory
+    return add
+
+
+def provider_for(settings: Settings, name: str | None = None) -> Provider:
+    """The provider named (default: ``[provider] default``); imported on first use."""
+    import importlib
+
+    wanted = name or settings.provider.default
+    if wanted not in PROVIDERS:
+        try:
+            importlib.import_module(f"boss.providers.{wanted}")
+        except ModuleNotFoundError:
+            pass
+    factory = PROVIDERS.get(wanted)
+    if factory is None:
+        raise ProviderError(f"unknown provider {wanted!r}: one of local, ssh, gce")
+    return factory(settings)
