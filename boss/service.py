@@ -10,7 +10,7 @@ import hashlib
 import secrets
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -22,6 +22,7 @@ from boss import calls
 from boss import push as pushing
 from boss.errors import BossError, DatabaseError, UserError
 from boss.lifecycle import TaskState
+from boss.providers import Created, Failed, Provider, WorkerSpec
 from boss.store import Store, reads, tasks, workers
 from boss.store import events as event_rows
 from boss.store.push import PushResult, insert_plan
@@ -161,6 +162,84 @@ class Boss:
             event_rows.record(conn, "worker.created", worker_id=wid,
                               data={"provider": provider, "name": name})
         return wid, name, token
+
+    def instantiate(self, n: int, provider: Provider, slots: int, spot: bool = False
+                    ) -> list[Created | Failed]:
+        """Create ``n`` workers with ``provider``, each with its own token (ecloud's
+        ``instantiate_worker``). Failures are recorded on the worker row, not raised."""
+        if n < 1:
+            raise UserError("the number of workers must be at least 1")
+        specs = []
+        for _ in range(n):
+            wid, name, token = self.add_worker(provider=provider.name, slots=slots)
+            specs.append(WorkerSpec(wid, name, token, slots, spot))
+        results = provider.create(specs)
+        now = time.time()
+        with self.store.tx() as conn:
+            for r in results:
+                if isinstance(r, Created):
+                    workers.update_worker(conn, r.worker_id, reference=r.reference,
+                                          address=r.address)
+                else:
+                    workers.update_worker(conn, r.worker_id, state="failed", error=r.error,
+                                          last_seen=now)
+                    event_rows.record(conn, "worker.failed", worker_id=r.worker_id, ts=now,
+                                      data={"error": r.error})
+        return results
+
+    def terminate(self, refs: Sequence[str] | None, providers: Callable[[str], Provider]
+                  ) -> list[str]:
+        """Stop workers (by id or name; all live ones when ``refs`` is None)."""
+        now = time.time()
+        with self.store.tx() as conn:
+            if refs is None:
+                rows = [workers.by_name_or_id(conn, str(v["id"])) for v in workers.views(conn)]
+            else:
+                rows = [workers.by_name_or_id(conn, r) for r in refs]
+        done = []
+        for row in rows:
+            if row.reference and row.provider not in ("manual",):
+                providers(row.provider).delete(row.reference)
+            with self.store.tx() as conn:
+                tasks.expire(conn, now, worker_id=row.id)
+                workers.update_worker(conn, row.id, state="terminated", reference=None,
+                                      last_seen=now)
+                event_rows.record(conn, "worker.terminated", worker_id=row.id, ts=now)
+            done.append(row.name)
+        return done
+
+    def worker_views(self) -> list[dict[str, Any]]:
+        with self.store.ro() as conn:
+            return workers.views(conn)
+
+    def drain_workers(self, ids: Sequence[int]) -> list[int]:
+        """Tell these workers to leave at their next pop (the autoscaler's scale-down)."""
+        with self.store.tx() as conn:
+            return workers.set_state(conn, ids, "draining", time.time(),
+                                     only_from=("idle",))
+
+    def lose_workers(self, ids: Sequence[int]) -> list[Any]:
+        """Workers gone silent: lost, their attempts requeued (not spending retries)."""
+        now = time.time()
+        with self.store.tx() as conn:
+            lost = workers.set_state(conn, ids, "lost", now)
+            for wid in lost:
+                tasks.expire(conn, now, worker_id=wid)
+                event_rows.record(conn, "worker.lost", worker_id=wid, ts=now)
+            return workers.by_ids(conn, lost)
+
+    def forget_instance(self, worker_id: int) -> None:
+        """The provider deleted the worker's instance: drop its reference."""
+        with self.store.tx() as conn:
+            workers.update_worker(conn, worker_id, reference=None)
+
+    def ended_instances(self, provider: str) -> list[Any]:
+        with self.store.ro() as conn:
+            return workers.undeleted(conn, provider)
+
+    def known_references(self, provider: str) -> set[str]:
+        with self.store.ro() as conn:
+            return workers.references(conn, provider)
 
     def workers(self, include_terminated: bool = False) -> list[dict[str, Any]]:
         with self.store.ro() as conn:

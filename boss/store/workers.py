@@ -100,3 +100,49 @@ def drop_context(conn: Connection, keys: Sequence[str] | None = None) -> int:
 
 def state_of(conn: Connection, worker_id: int) -> str | None:
     return conn.execute(select(Worker.state).where(Worker.id == worker_id)).scalar()
+
+
+LIVE = ("provisioning", "idle", "busy", "draining")
+
+
+def views(conn: Connection) -> list[dict[str, Any]]:
+    """Every live worker with what the autoscaler weighs: running count, idle since."""
+    running = (select(Attempt.worker_id, func.count().label("n"))
+               .where(Attempt.state == AttemptState.RUNNING)
+               .group_by(Attempt.worker_id).subquery())
+    last_end = (select(Attempt.worker_id, func.max(Attempt.finished_at).label("t"))
+                .group_by(Attempt.worker_id).subquery())
+    rows = conn.execute(
+        select(Worker.id, Worker.state, Worker.slots, Worker.created_at, Worker.last_seen,
+               Worker.provider, Worker.reference,
+               func.coalesce(running.c.n, 0).label("running"), last_end.c.t.label("last_end"))
+        .outerjoin(running, running.c.worker_id == Worker.id)
+        .outerjoin(last_end, last_end.c.worker_id == Worker.id)
+        .where(Worker.state.in_(LIVE)).order_by(Worker.id)).all()
+    return [dict(r._mapping) for r in rows]
+
+
+def by_ids(conn: Connection, ids: Sequence[int]) -> list[Any]:
+    return list(conn.execute(select(Worker).where(Worker.id.in_(ids))).all())
+
+
+def set_state(conn: Connection, ids: Sequence[int], state: str, now: float,
+              only_from: Sequence[str] = LIVE) -> list[int]:
+    return list(conn.execute(
+        update(Worker).where(Worker.id.in_(ids), Worker.state.in_(only_from))
+        .values(state=state, last_seen=func.coalesce(Worker.last_seen, now))
+        .returning(Worker.id)).scalars().all())
+
+
+def undeleted(conn: Connection, provider: str) -> list[Any]:
+    """Workers of ``provider`` that ended but whose instance may still exist."""
+    return list(conn.execute(
+        select(Worker.id, Worker.reference).where(
+            Worker.provider == provider, Worker.reference.is_not(None),
+            Worker.state.in_(["terminated", "lost"]))).all())
+
+
+def references(conn: Connection, provider: str) -> set[str]:
+    refs = conn.execute(select(Worker.reference).where(
+        Worker.provider == provider, Worker.reference.is_not(None))).scalars()
+    return {r for r in refs if r}
