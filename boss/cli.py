@@ -16,8 +16,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from boss import keys, render, server
+from boss import keys, render, server, startup
 from boss.errors import UserError
+from boss.providers import Created, Failed, provider_for
+from boss.scaler import Scaler
 from boss.service import Boss
 from protocol.console import err, main_for
 from protocol.errors import SettingsError
@@ -269,17 +271,121 @@ def authorize_worker_key(
 
 
 @app.command("serve")
-def serve(ctx: typer.Context) -> None:
-    """Run the RPC server for workers on [boss] listen (127.0.0.1 only) and the lease reaper.
+def serve(
+    ctx: typer.Context,
+    autoscale: bool | None = typer.Option(
+        None, "--autoscale/--no-autoscale",
+        help="Start and stop workers for the backlog with [provider] default "
+             "(default: [autoscale] enabled)."),
+) -> None:
+    """Run the RPC server for workers on [boss] listen (127.0.0.1 only), the lease reaper
+    and the autoscaler.
 
-    Runs until interrupted (Ctrl-C or SIGTERM).
+    Runs until interrupted (Ctrl-C or SIGTERM); the workers it started are stopped.
     """
     boss = _boss(ctx)
     boss.store.check()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         stream=sys.stderr)
-    server.serve(boss, on_ready=lambda port: err.print(
-        f"boss serving workers on 127.0.0.1:{port} (database {boss.store.engine.url!r})"))
+    settings = ctx.obj["settings"]
+    scaling = settings.autoscale.enabled if autoscale is None else autoscale
+    scaler = Scaler(boss, provider_for(settings)) if scaling else None
+    server.serve(boss, scaler=scaler, on_ready=lambda port: err.print(
+        f"boss serving workers on 127.0.0.1:{port} (database {boss.store.engine.url!r}"
+        + (f", autoscaling {settings.provider.default} workers up to "
+           f"{settings.autoscale.max_workers})" if scaler else ", no autoscaling)")))
+
+
+@app.command("instantiate-worker")
+def instantiate_worker(
+    ctx: typer.Context,
+    count: int = typer.Argument(1, min=1, max=10_000, help="How many workers."),
+    provider: str | None = typer.Option(None, "--provider",
+                                        help="local, ssh or gce (default [provider] default)."),
+    slots: int | None = typer.Option(None, "--slots", min=1, max=1024,
+                                     help="Slots per worker (default [worker] slots)."),
+    spot: bool = typer.Option(False, "--spot", help="Spot / preemptible instances (gce)."),
+) -> None:
+    """Start workers now (ecloud's instantiate_worker); each gets its own token.
+
+    Local workers reach the boss's RPC port, so run `boss serve` too.
+    """
+    settings = ctx.obj["settings"]
+    prov = provider_for(settings, provider)
+    results = _boss(ctx).instantiate(count, prov, slots or settings.worker.slots, spot)
+    created = [r for r in results if isinstance(r, Created)]
+    for c in created:
+        out.print(c.worker_id)
+    for f in results:
+        if isinstance(f, Failed):
+            err.print(Text(f"worker {f.worker_id} not created: {f.error}"))
+    err.print(f"{len(created)} of {count} {prov.name} worker(s) started")
+    if not created:
+        raise typer.Exit(1)
+
+
+@app.command("terminate-worker")
+def terminate_worker(
+    ctx: typer.Context,
+    workers: list[str] = typer.Argument(None, help="Worker ids or names."),
+    all_: bool = typer.Option(False, "--all", help="Every live worker."),
+) -> None:
+    """Stop workers and delete their instances; their running tasks are requeued."""
+    if bool(workers) == all_:
+        raise UserError("give worker ids or names, or --all")
+    settings = ctx.obj["settings"]
+    names = _boss(ctx).terminate(None if all_ else workers,
+                                 lambda name: provider_for(settings, name))
+    err.print(f"terminated {len(names)} worker(s)")
+
+
+@app.command("worker-script")
+def worker_script(ctx: typer.Context) -> None:
+    """Print the startup script a fresh VM runs on boot to become a worker."""
+    from importlib.metadata import version
+
+    out.print(startup.worker_script(ctx.obj["settings"], version("ecloud")), markup=False,
+              end="")
+
+
+@app.command("run")
+def run(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., help="Tasks: JSON array or JSON lines."),
+    workers: int = typer.Option(2, "--workers", min=1, max=256, help="Local workers, at most."),
+    slots: int | None = typer.Option(None, "--slots", min=1, max=1024,
+                                     help="Slots per worker (default [worker] slots)."),
+    skip_existing: bool = typer.Option(False, "--skip-existing",
+                                       help="Keep tasks already pushed (re-run a pipeline)."),
+) -> None:
+    """Push FILE and run it to the end on local workers, with live progress.
+
+    Starts the server (on a free port), pushes, starts up to --workers local
+    workers, shows progress, stops everything when nothing is left to run.
+    Exit status 0 when every task succeeded, 1 otherwise.
+    """
+    settings = ctx.obj["settings"]
+    boss = _boss(ctx)
+    boss.init()
+    pushed = boss.push(file, skip_existing=skip_existing)
+    err.print(f"pushed {pushed.pushed} task(s), {pushed.skipped} already there")
+    settings.autoscale.max_workers = workers
+    settings.autoscale.min_workers = 0
+    settings.autoscale.idle_seconds = 0
+    if slots:
+        settings.worker.slots = slots
+    scaler = Scaler(boss, provider_for(settings, "local"))
+    with server.serving(boss, 0, scaler):
+        counts = render.follow(err, boss.status)
+    failed = {k: v for k, v in counts.items()
+              if k in ("failed", "upstream_failed", "cancelled") and v}
+    _, default = boss.buckets()
+    out.print(json.dumps({"tasks": {k: v for k, v in counts.items() if v}, "datastore": default,
+                          "logs": f"{default}/ecloud-logs/"}), markup=False)
+    if failed:
+        for row in boss.tasks(state="failed", limit=20):
+            err.print(Text(f"failed: {row['name']}: {row['reason'] or ''}"))
+        raise typer.Exit(1)
 
 
 @dbapp.command("upgrade")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -107,3 +108,30 @@ def workers_table(rows: list[dict[str, Any]]) -> Table:
                       _ago(w["last_seen"]), str(w["running"]), _text(", ".join(w["tasks"])),
                       _text(w["error"], 50))
     return table
+
+
+ACTIVE = ("waiting", "ready", "running")
+
+
+def follow(console: Console, status: Callable[[], dict[str, Any]], every: float = 0.5,
+           limit: float = 30 * 24 * 3600.0) -> dict[str, int]:
+    """Show live progress until no task is waiting, ready or running; return the counts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    deadline = time.monotonic() + limit
+    with Progress(*columns, console=console, transient=False) as bar:
+        job = bar.add_task("tasks", total=None)
+        while True:
+            s = status()
+            counts: dict[str, int] = s["tasks"]
+            total = sum(counts.values())
+            done = total - sum(counts.get(k, 0) for k in ACTIVE)
+            parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
+            live = sum(v for k, v in s["workers"].items() if k in ("idle", "busy"))
+            bar.update(job, total=total, completed=done,
+                       description=f"{parts} | {live} worker(s)")
+            if done == total or time.monotonic() > deadline:
+                return counts
+            time.sleep(every)

@@ -23,14 +23,16 @@ import contextlib
 import logging
 import re
 import signal
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from boss import calls
 from boss.errors import BossError, DatabaseError, UserError
+from boss.scaler import Scaler
 from boss.service import Boss, PopAnswer, WorkerIdentity
 from protocol import messages
 from protocol.errors import Code, ProtocolError
@@ -111,7 +113,8 @@ class Closing(Exception):
 class Server:
     """``boss serve``: the RPC server plus the lease reaper."""
 
-    def __init__(self, boss: Boss, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, boss: Boss, host: str = "127.0.0.1", port: int = 0,
+                 scaler: Scaler | None = None) -> None:
         if host not in ("127.0.0.1", "::1", "localhost"):
             # workers reach a remote boss through an SSH tunnel; the port is never exposed
             raise UserError(f"boss listen address {host!r}: only 127.0.0.1 is allowed")
@@ -121,6 +124,10 @@ class Server:
         self.commits = GroupCommit(boss)
         self._server: asyncio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self.scaler = scaler
+        self._scaling: asyncio.Task[None] | None = None
+        # provider calls block (HTTP, SSH): their own thread, never the loop or the DB thread
+        self._scale_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaler")
         self._handlers: dict[str, Handler] = {
             "pop": self._pop, "heartbeat": self._heartbeat, "event": self._event,
             "complete": self._complete, "goodbye": self._goodbye,
@@ -135,7 +142,11 @@ class Server:
             raise UserError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}; "
                             "is another `boss serve` running? ([boss] listen)") from exc
         self.port = self._server.sockets[0].getsockname()[1]
+        # local workers are told this port (it may have been 0: any free one)
+        self.boss.settings.boss.listen = f"{self.host}:{self.port}"
         self._reaper = asyncio.create_task(self._reap())
+        if self.scaler is not None:
+            self._scaling = asyncio.create_task(self._scale())
         return self.port
 
     async def serve_until(self, stop: asyncio.Event) -> None:
@@ -145,10 +156,20 @@ class Server:
         await self.close()
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        loop = asyncio.get_running_loop()
+        for task in (self._reaper, self._scaling):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.scaler is not None:
+            # stop the workers this boss started, while the server still answers
+            # their goodbyes
+            try:
+                await loop.run_in_executor(self._scale_executor, self.scaler.shutdown)
+            except BossError as exc:
+                log.warning("stopping the workers: %s", exc)
+        self._scale_executor.shutdown(wait=True)
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -166,6 +187,19 @@ class Server:
                 continue
             if lost:
                 log.info("leases expired: %d attempt(s) lost and requeued", len(lost))
+
+    async def _scale(self) -> None:
+        assert self.scaler is not None
+        loop = asyncio.get_running_loop()
+        every = self.boss.settings.autoscale.tick_seconds
+        while True:
+            try:
+                await loop.run_in_executor(self._scale_executor, self.scaler.tick)
+            except BossError as exc:
+                log.warning("autoscaler: %s", exc)
+            except Exception:
+                log.exception("autoscaler tick")
+            await asyncio.sleep(every)
 
     # --- connections ------------------------------------------------------------------
 
@@ -327,12 +361,13 @@ def _int_list(values: list[Any]) -> list[int]:
     return values
 
 
-def serve(boss: Boss, on_ready: Callable[[int], None] | None = None) -> None:
+def serve(boss: Boss, on_ready: Callable[[int], None] | None = None,
+          scaler: Scaler | None = None) -> None:
     """Run the server until SIGINT or SIGTERM (the `boss serve` command)."""
     host, _, port = boss.settings.boss.listen.rpartition(":")
 
     async def main() -> None:
-        server = Server(boss, host, int(port))
+        server = Server(boss, host, int(port), scaler)
         bound = await server.start()
         if on_ready is not None:
             on_ready(bound)
@@ -343,3 +378,41 @@ def serve(boss: Boss, on_ready: Callable[[int], None] | None = None) -> None:
         await server.serve_until(stop)
 
     asyncio.run(main())
+
+
+@contextlib.contextmanager
+def serving(boss: Boss, port: int = 0, scaler: Scaler | None = None) -> Iterator[Server]:
+    """Run a Server in a background thread until the block ends (`boss run`, tests)."""
+    loop = asyncio.new_event_loop()
+    server = Server(boss, "127.0.0.1", port, scaler)
+    stop: asyncio.Event | None = None
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        try:
+            await server.start()
+        except BaseException as exc:
+            failure.append(exc)
+            started.set()
+            return
+        started.set()
+        await server.serve_until(stop)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),),
+                              name="boss-serve", daemon=True)
+    thread.start()
+    started.wait(60)
+    if failure or not started.is_set():
+        thread.join(10)
+        loop.close()
+        raise failure[0] if failure else DatabaseError("the server did not start in 60 s")
+    try:
+        yield server
+    finally:
+        assert stop is not None
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(120)
+        loop.close()

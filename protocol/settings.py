@@ -79,10 +79,52 @@ class ProviderSettings(_Table):
     default: Literal["local", "ssh", "gce"] = "local"
 
 
+_GCE_LABEL_KEY = r"^[a-z][a-z0-9_-]{0,62}$"
+_GCE_LABEL_VALUE = r"^[a-z0-9_-]{0,63}$"
+
+
+class GceSettings(_Table):
+    """The ``gce`` provider: Compute Engine instances (boss/providers/gce.py)."""
+
+    project: str = ""  # empty: the project of the application-default credentials
+    zone: str = "us-central1-a"
+    machine_type: str = "e2-standard-2"
+    image: str = "projects/debian-cloud/global/images/family/debian-12"
+    network: str = "default"
+    subnetwork: str = ""
+    external_ip: bool = True
+    service_account: str = "default"
+    scopes: list[str] = Field(
+        default_factory=lambda: ["https://www.googleapis.com/auth/cloud-platform"])
+    labels: dict[str, str] = Field(default_factory=dict)
+    spot: bool = False
+    disk_gb: int = Field(default=20, ge=10, le=65536)
+    api_endpoint: str = ""  # empty: the real API; tests point it at 127.0.0.1
+    boss_label: str = Field(default="ecloud", pattern=_GCE_LABEL_VALUE, min_length=1)
+    boss_host_key_file: str = "/etc/ssh/ssh_host_ed25519_key.pub"
+    worker_key_file: str = ""
+
+    @field_validator("labels")
+    @classmethod
+    def _label_syntax(cls, labels: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for key, value in labels.items():
+            if not re.match(_GCE_LABEL_KEY, key) or not re.match(_GCE_LABEL_VALUE, value):
+                raise ValueError(
+                    f"label {key}={value!r}: Compute Engine label keys are 1-63 of a-z 0-9 _ - "
+                    "starting with a letter, values 0-63 of a-z 0-9 _ -")
+        return labels
+
+
 class AutoscaleSettings(_Table):
     min_workers: int = Field(default=0, ge=0)
     max_workers: int = Field(default=10, ge=0)
     idle_seconds: float = Field(default=60.0, ge=0)
+    enabled: bool = True  # `boss serve` starts and stops workers itself
+    boot_seconds: float = Field(default=600.0, gt=0)
+    spot: bool = False
+    tick_seconds: float = Field(default=2.0, gt=0)
 
 
 class Settings(_Table):
@@ -91,6 +133,7 @@ class Settings(_Table):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     provider: ProviderSettings = Field(default_factory=ProviderSettings)
     autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
+    gce: GceSettings = Field(default_factory=GceSettings)
     source: str = "built-in defaults"
 
     def bucket_url(self, bucket: str) -> str | None:
@@ -104,6 +147,7 @@ TABLES: dict[str, type[_Table]] = {
     "worker": WorkerSettings,
     "provider": ProviderSettings,
     "autoscale": AutoscaleSettings,
+    "gce": GceSettings,
 }
 
 
