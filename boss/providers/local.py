@@ -99,7 +99,15 @@ class LocalProvider(Provider):
             self._reap(pid)
 
     def close(self) -> None:
-        self.reap()
+        """Wait for the workers started here to exit (they were told to); kill stragglers."""
+        for pid, proc in list(self._children.items()):
+            try:
+                proc.wait(timeout=GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                proc.wait(timeout=GRACE_SECONDS)
+            del self._children[pid]
 
     def _reap(self, pid: int) -> None:
         proc = self._children.get(pid)
