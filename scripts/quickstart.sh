@@ -57,21 +57,13 @@ export ECLOUD_SETTINGS=$DIR/ecloud.toml
 mkdir -p .ecloud/data
 cp -R "$ROOT/examples/data/." .ecloud/data/
 
-# 3. The boss's database, then the tasks.
-say "boss init"
-boss init
-say "boss push-tasks --skip-existing $EXAMPLE"
-boss push-tasks --skip-existing "$EXAMPLE"
+# 3. Run it: create the database, push the example (tasks already there are
+#    kept, so a re-run pushes nothing new), start local workers, show progress,
+#    stop everything when the queue drains. Exit status 1 if a task failed.
+say "boss run --skip-existing $EXAMPLE --workers 2"
+boss run --skip-existing "$EXAMPLE" --workers 2
 
-# 4. Run to completion, once `boss run` (local workers) exists.
-if boss run --help >/dev/null 2>&1; then
-    say "boss run (local workers until the queue drains)"
-    boss run
-else
-    say "the quick start does not start workers yet (no \`boss run\`): the tasks wait in the queue"
-fi
-
-# 5. Where things stand.
+# 4. Where things stand.
 say "boss admin status"
 boss admin status
 say "boss tasks"
