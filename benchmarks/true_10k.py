@@ -57,7 +57,7 @@ def main() -> None:
         for i in range(args.workers):
             boss("admin", "add-worker", "--token-file", f"tok{i}", "--slots", str(args.slots))
         log = (root / "serve.log").open("w")
-        server = subprocess.Popen([str(BIN / "boss"), "serve"], cwd=root, env=env,
+        server = subprocess.Popen([str(BIN / "boss"), "serve", "--no-autoscale"], cwd=root, env=env,
                                   stdout=log, stderr=log)
         for _ in range(200):
             try:

@@ -30,7 +30,7 @@ from typing import Any
 
 from protocol.errors import ProtocolError
 from protocol.messages import Assignment, Result
-from worker.attempt import AttemptEnv, run_attempt
+from worker.attempt import JANITOR, AttemptEnv, run_attempt
 from worker.client import BossClient, BossGone
 from worker.transport import TransportError
 
@@ -101,6 +101,7 @@ class Worker:
         finally:
             self._stopping.set()
             self._join_all()
+            JANITOR.flush()
             self._beats_done.set()
             beat.join(timeout=30)
             self.summary.reason = reason

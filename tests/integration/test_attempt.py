@@ -23,7 +23,7 @@ from protocol.messages import Assignment, Result
 from protocol.settings import WorkerSettings
 from tests import sshd as sshd_helper
 from tests.sshd import Sshd
-from worker.attempt import AttemptEnv, log_prefix, run_attempt
+from worker.attempt import JANITOR, AttemptEnv, log_prefix, run_attempt
 from worker.cache import Cache
 
 sshd = sshd_helper.sshd  # the fixture; assigned, not imported, so ruff sees no F811
@@ -51,8 +51,10 @@ class Harness:
         def record(kind: str, data: dict[str, Any]) -> None:
             self.events.append((aid, kind, data))
 
-        return run_attempt(Assignment(aid, 1, name, 1, document), self.env, emit or record,
-                           cancel or threading.Event())
+        result = run_attempt(Assignment(aid, 1, name, 1, document), self.env,
+                             emit or record, cancel or threading.Event())
+        JANITOR.flush()  # the work directory is removed in the background
+        return result
 
     def kinds(self, attempt_id: int) -> list[str]:
         return [k for a, k, _ in self.events if a == attempt_id]

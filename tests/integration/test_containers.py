@@ -20,7 +20,7 @@ import pytest
 from protocol.messages import Assignment, Result
 from protocol.settings import WorkerSettings
 from tests.podman_image import ensure_image, podman_missing_reason
-from worker.attempt import AttemptEnv, run_attempt
+from worker.attempt import JANITOR, AttemptEnv, run_attempt
 from worker.cache import Cache
 from worker.containers import CliRuntime, ContainerSpec, Mount, container_name, runtime_for
 from worker.errors import ContainerError
@@ -176,6 +176,7 @@ def attempt(tmp_path: Path, document: dict[str, Any], *, cancel: threading.Event
     result = run_attempt(Assignment(attempt_id, 1, str(document.get("name", "t")), 1, document),
                          env, lambda kind, d: events.append((kind, d)),
                          cancel or threading.Event())
+    JANITOR.flush()  # the work directory is removed in the background
     return result, events, attempt_id
 
 
