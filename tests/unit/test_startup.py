@@ -114,8 +114,8 @@ def run_script(script: str | Path, tmp_path: Path, *, dry_run: bool = True,
             "ECLOUD_METADATA_TRIES": "3", "ECLOUD_METADATA_DELAY": "0", **env}
     if dry_run:
         full["ECLOUD_STARTUP_DRY_RUN"] = "1"
-    return subprocess.run(["bash", *(["-x"] if trace else []), str(file)], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=30, check=False)
+    return subprocess.run(["bash", *(["-x"] if trace else []), str(file)], cwd=cwd, env=full,
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 def mode(path: Path) -> int:
