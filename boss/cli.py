@@ -21,9 +21,8 @@ from boss.errors import UserError
 from boss.providers import Created, Failed, provider_for
 from boss.scaler import Scaler
 from boss.service import Boss
-from protocol.console import err, main_for
+from protocol.console import err, load_settings_option, main_for
 from protocol.errors import SettingsError
-from protocol.settings import load_settings
 
 out = Console(highlight=False, soft_wrap=True)
 
@@ -49,14 +48,7 @@ def _json(data: Any) -> None:
     out.print_json(json.dumps(data, default=str))
 
 
-@app.callback()
-def _main(
-    ctx: typer.Context,
-    settings: str | None = typer.Option(
-        None, "--settings", envvar="ECLOUD_SETTINGS",
-        help="Settings TOML file (else ./ecloud.toml, else built-in defaults)."),
-) -> None:
-    ctx.obj = {"settings": load_settings(settings)}
+app.callback()(load_settings_option)
 
 
 @app.command()

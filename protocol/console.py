@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from protocol.errors import EcloudError
+from protocol.settings import load_settings
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -42,6 +43,16 @@ def _print_error(exc: BaseException) -> None:
     for line in str(exc).splitlines() or [type(exc).__name__]:
         # messages quote user input, which must not be read as rich markup
         err.print(Text.assemble(("error: ", "bold red"), line))
+
+
+def load_settings_option(
+    ctx: typer.Context,
+    settings: str | None = typer.Option(
+        None, "--settings", envvar="ECLOUD_SETTINGS",
+        help="Settings TOML file (else ./ecloud.toml, else built-in defaults)."),
+) -> None:
+    """The ``--settings`` option of ``boss`` and ``worker``: settings are loaded once, here."""
+    ctx.obj = {"settings": load_settings(settings)}
 
 
 def main_for(app: typer.Typer, user_errors: tuple[type[BaseException], ...],

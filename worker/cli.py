@@ -16,9 +16,9 @@ from typing import Any
 
 import typer
 
-from protocol.console import err, main_for
+from protocol.console import err, load_settings_option, main_for
 from protocol.errors import ProtocolError, SettingsError
-from protocol.settings import Settings, load_settings
+from protocol.settings import Settings
 from worker.attempt import AttemptEnv
 from worker.cache import Cache
 from worker.client import BossClient
@@ -30,14 +30,7 @@ app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=Fa
                   help="ecloud worker: pull tasks from a boss and run them.")
 
 
-@app.callback()
-def _main(
-    ctx: typer.Context,
-    settings: str | None = typer.Option(
-        None, "--settings", envvar="ECLOUD_SETTINGS",
-        help="Settings TOML file (else ./ecloud.toml, else built-in defaults)."),
-) -> None:
-    ctx.obj = {"settings": load_settings(settings)}
+app.callback()(load_settings_option)
 
 
 _BOSS = typer.Option(None, "--boss", help="tcp://127.0.0.1:PORT (boss on this machine) or "
