@@ -75,6 +75,16 @@ class _Failure(Exception):
         self.content = content  # the HTTP error body, as received
 
 
+def _startup_script(settings: Settings) -> ScriptFor:
+    """`boss worker-script`'s script (pinned to this ecloud), the same for every worker."""
+    from importlib.metadata import version
+
+    from boss.startup import worker_script
+
+    text = worker_script(settings, version("ecloud"))
+    return lambda _spec: text
+
+
 @register("gce")
 class GceProvider(Provider):
     """Creates, deletes and lists this boss's Compute Engine workers."""
@@ -103,7 +113,7 @@ class GceProvider(Provider):
         """``boss_host_key``: the boss sshd's public host key line (default: read
         ``[gce] boss_host_key_file``); ``worker_key``: the workers' SSH private key
         (default: ``[gce] worker_key_file``, may be empty); ``script_for``: the
-        start-up script of a worker (default :func:`gce_requests.default_script`).
+        start-up script of a worker (default: `boss worker-script`'s).
         """
         self.settings = settings
         self.gce = settings.gce
@@ -112,7 +122,7 @@ class GceProvider(Provider):
         self._worker_key = worker_key
         b = settings.boss
         self.boss_url = boss_url or rq.boss_url(b.ssh_user, b.ssh_host, b.ssh_port, b.port)
-        self.script_for: ScriptFor = script_for or rq.default_script
+        self.script_for: ScriptFor = script_for or _startup_script(settings)
         self._credentials = credentials
         self.dry_run = dry_run
         self.echo: Callable[[str], None] = echo or print

@@ -128,8 +128,11 @@ def test_metadata_labels_and_spot(fake: FakeCompute) -> None:
 def test_default_script_is_in_the_metadata(fake: FakeCompute) -> None:
     make_provider(fake).create(specs(1))
     meta = rq.metadata_items(fake.instances[(PROJECT, ZONE, "gce-0001beef")])
-    assert meta["startup-script"] == rq.DEFAULT_STARTUP_SCRIPT
-    assert "worker run" in meta["startup-script"]
+    # `boss worker-script`'s script, pinned to this ecloud, reading the same attributes
+    script = meta["startup-script"]
+    assert "worker" in script and "run --burst" in script
+    for attribute in ("ecloud-token", "ecloud-boss", "ecloud-boss-host-key"):
+        assert attribute in script and attribute in meta
 
 
 def test_list_by_label_over_pages(fake: FakeCompute) -> None:
