@@ -263,3 +263,42 @@ def test_no_credentials(fake: FakeCompute, monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(ProviderError, match="application-default login"):
         provider.list()
     assert fake.calls == []
+
+
+def test_autoscaler_with_gce_creates_drains_deletes_and_reaps_orphans(
+        fake: FakeCompute, tmp_path: Any) -> None:
+    """The autoscaler over the gce provider: backlog -> instances (quota errors recorded and
+    shown in status), a drained worker's instance deleted, an unknown labelled one too."""
+    from boss.scaler import Scaler
+    from boss.service import Boss
+    from tests.conftest import make_settings as boss_settings
+    from tests.integration.test_transitions import push, task
+
+    s = boss_settings(tmp_path, f"sqlite:///{tmp_path}/boss.db")
+    g = make_settings(fake.url)
+    s.gce, s.boss.ssh_host, s.boss.ssh_port = g.gce, g.boss.ssh_host, g.boss.ssh_port
+    s.worker.slots, s.autoscale.max_workers, s.autoscale.idle_seconds = 1, 4, 0
+    boss = Boss(s)
+    boss.init()
+    try:
+        fake.quota = 4  # the orphan holds one until it is reaped, after the creations
+        fake.add_instance(PROJECT, ZONE, "orphan-1", {"ecloud-boss": "ecloud"})
+        provider = make_provider(fake)
+        provider.settings = s
+        push(boss, tmp_path, [task(f"t{i}") for i in range(4)])
+        scaler = Scaler(boss, provider)
+        decision = scaler.tick()
+        assert decision.create == 4
+        status = boss.status()
+        assert status["workers"] == {"provisioning": 3, "failed": 1}
+        assert status["worker_errors"] == [{"error": QUOTA, "count": 1}]
+        assert "orphan-1" not in {i.name for i in provider.list()}  # reaped on tick 1
+        # one worker comes up, is told to drain, leaves; its instance is deleted
+        wid, *_ = [w["id"] for w in boss.workers() if w["state"] == "provisioning"]
+        boss.goodbye(wid, "drained")
+        before = {i.reference for i in provider.list()}
+        scaler.tick()
+        after = {i.reference for i in provider.list()}
+        assert len(before - after) == 1
+    finally:
+        boss.close()
