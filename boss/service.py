@@ -25,7 +25,7 @@ from boss.lifecycle import TaskState
 from boss.providers import Created, Failed, Provider, WorkerSpec
 from boss.store import Store, reads, tasks, workers
 from boss.store import events as event_rows
-from boss.store.push import PushResult, insert_plan
+from boss.store.push import PushResult, push_file
 from boss.store.tasks import Ended
 from protocol.document import BUCKET_RE
 from protocol.messages import Assignment, Result
@@ -76,9 +76,9 @@ class Boss:
                                           Path(self.settings.worker.workdir).parent / "spool")
             path = spooled
         try:
-            plan = pushing.plan(path, "<stdin>" if spooled else str(path), DEFAULT_BUCKET)
-            with self.store.tx() as conn:
-                return insert_plan(conn, plan, skip_existing=skip_existing)
+            # one transaction, opened once the first chunk of the file checks out
+            return push_file(self.store, path, "<stdin>" if spooled else str(path),
+                             DEFAULT_BUCKET, skip_existing=skip_existing)
         finally:
             if spooled:
                 spooled.unlink(missing_ok=True)
