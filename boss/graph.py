@@ -39,25 +39,39 @@ class OutputIndex:
 
     def add(self, node: int, path: RemotePath) -> int | None:
         """Record an output; return the node that already writes it, if any."""
-        k = key(path)
+        return self.add_key(node, key(path), path.is_dir)
+
+    def add_key(self, node: int, k: str, is_dir: bool) -> int | None:
+        """:meth:`add` for an output already made a key (``bucket:path``, no '/' at the end)."""
         other = self._exact.get(k)
         if other is not None and other != node:
             return other
         self._exact[k] = node
-        if path.is_dir:
+        if is_dir:
             self._dirs[k + "/"] = node
         self._sorted = None
         return None
 
     def writers(self, path: RemotePath) -> set[int]:
+        return self.writers_of(path.bucket, path.path)
+
+    def writers_of(self, bucket: str, path: str, inside: bool = True) -> set[int]:
+        """:meth:`writers` of ``bucket:path``; ``inside=False`` leaves out, for a
+        directory, the outputs under it (the one lookup that needs a sorted index,
+        rebuilt after every :meth:`add`)."""
         found: set[int] = set()
-        k = key(path)
-        if k in self._exact:
-            found.add(self._exact[k])
-        for d in ancestors(path):
-            if d in self._dirs:
-                found.add(self._dirs[d])
-        if path.is_dir:
+        stripped = path.rstrip("/")
+        k = f"{bucket}:{stripped}"
+        w = self._exact.get(k)
+        if w is not None:
+            found.add(w)
+        if self._dirs:  # ancestors(), without making a RemotePath
+            parts = stripped.split("/")
+            for i in range(len(parts) - 1, 0, -1):
+                w = self._dirs.get(f"{bucket}:{'/'.join(parts[:i])}/")
+                if w is not None:
+                    found.add(w)
+        if inside and path.endswith("/"):
             if self._sorted is None:
                 self._sorted = sorted(self._exact)
             prefix = k + "/"

@@ -316,7 +316,8 @@ def _helper_count(path: Path) -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return min(cpus, MAX_HELPERS) if cpus > 1 else 0
+    # one core stays with this process, which plans and inserts: it is the slower side
+    return min(cpus - 1, MAX_HELPERS)
 
 
 # marshal, not pickle: the two ends are the same interpreter, the values plain
@@ -490,8 +491,9 @@ class Planner:
         self._pending_after: list[tuple[int, list[str]]] = []  # (task, names) for finish()
         self._self_after: list[int] = []  # tasks naming themselves in 'after'
         self._outputs = graph.OutputIndex()
-        # (task, inputs, how many of its parents come from 'after'; -1: not resolved yet)
-        self._inputs: list[tuple[int, list[RemotePath], int]] = []
+        # (task, inputs as (bucket, path), how many of its parents come from 'after';
+        # -1: not resolved yet)
+        self._inputs: list[tuple[int, Sequence[tuple[str, str]], int]] = []
         self._prefix = "task-" + uuid.uuid4().hex[:8]
         self._i = -1  # position of the last document (valid or not)
 
@@ -564,23 +566,25 @@ class Planner:
                         elif pa is not None:
                             p.add_parent(idx, pa)
             for bucket, opath in outs:
-                out = RemotePath(bucket, opath)
-                other = outputs.add(idx, out)
+                k = f"{bucket}:{opath.rstrip('/')}"  # graph.key()
+                other = outputs.add_key(idx, k, opath.endswith("/"))
                 if other is not None:
-                    problems.add(f"{_where(rec, i)}, field 'outputs': {out} is also written "
-                                 f"by task {names[other]!r}; two tasks may not write the "
-                                 "same path")
-                p.outputs.append((idx, graph.key(out)))
+                    problems.add(f"{_where(rec, i)}, field 'outputs': {bucket}:{opath} is also "
+                                 f"written by task {names[other]!r}; two tasks may not write "
+                                 "the same path")
+                p.outputs.append((idx, k))
             if ins:
-                paths = [RemotePath(b, q) for b, q in ins]
                 if resolved:  # writers seen so far; finish() adds later ones
                     n_after = 0 if parent[idx] < 0 else 1 + len(p.more_parents.get(idx, ()))
-                    self._inputs.append((idx, paths, n_after))
-                    for path_ in paths:
-                        for w in outputs.writers(path_) - {idx}:
-                            p.add_parent(idx, w)
+                    self._inputs.append((idx, ins, n_after))
+                    for bucket, ipath in ins:
+                        # outputs under an input directory wait for finish(): finding
+                        # them needs a sorted index, which each new output would undo
+                        for w in outputs.writers_of(bucket, ipath, inside=False):
+                            if w != idx:
+                                p.add_parent(idx, w)
                 else:
-                    self._inputs.append((idx, paths, -1))
+                    self._inputs.append((idx, ins, -1))
         self._i = i
         return start
 
@@ -607,14 +611,14 @@ class Planner:
         self._self_after.sort()  # stable: in task order, as they appear in each task
         for idx in self._self_after:
             problems.add(f"{_position(p, idx)}, field 'after': the task depends on itself")
-        for idx, paths, n_after in self._inputs:
+        for idx, pairs, n_after in self._inputs:
             before = p.parents_of(idx)
             parents = before if n_after < 0 else before[:n_after]
             outside = []
-            for path_ in paths:
-                writers = self._outputs.writers(path_) - {idx}
+            for bucket, ipath in pairs:
+                writers = self._outputs.writers_of(bucket, ipath) - {idx}
                 if not writers:
-                    outside.append(path_)
+                    outside.append(RemotePath(bucket, ipath))
                 for w in writers:
                     if w not in parents:
                         parents.append(w)
