@@ -36,6 +36,8 @@ class BossSettings(_Table):
     ssh_port: int = 22
     ssh_user: str = "ecloud"
     authorized_keys: str = "~/.ssh/authorized_keys"
+    ssh_host_key_file: str = "/etc/ssh/ssh_host_ed25519_key.pub"
+    worker_key_file: str = ""
 
     @field_validator("listen")
     @classmethod
@@ -101,8 +103,6 @@ class GceSettings(_Table):
     disk_gb: int = Field(default=20, ge=10, le=65536)
     api_endpoint: str = ""  # empty: the real API; tests point it at 127.0.0.1
     boss_label: str = Field(default="ecloud", pattern=_GCE_LABEL_VALUE, min_length=1)
-    boss_host_key_file: str = "/etc/ssh/ssh_host_ed25519_key.pub"
-    worker_key_file: str = ""
 
     @field_validator("labels")
     @classmethod

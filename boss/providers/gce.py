@@ -39,7 +39,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,6 +54,8 @@ from boss.providers import (
     register,
 )
 from boss.providers import gce_requests as rq
+from boss.providers.reach import Boot, boot_for
+from boss.providers.reach import boss_url as reach_url
 from protocol.settings import Settings
 
 HTTP_TIMEOUT = 150.0  # seconds; above zoneOperations.wait's own ~120 s
@@ -111,8 +112,8 @@ class GceProvider(Provider):
         wait_for_delete: bool = False,
     ) -> None:
         """``boss_host_key``: the boss sshd's public host key line (default: read
-        ``[gce] boss_host_key_file``); ``worker_key``: the workers' SSH private key
-        (default: ``[gce] worker_key_file``, may be empty); ``script_for``: the
+        ``[boss] ssh_host_key_file``); ``worker_key``: the workers' SSH private key
+        (default: ``[boss] worker_key_file``, may be empty); ``script_for``: the
         start-up script of a worker (default: `boss worker-script`'s).
         """
         self.settings = settings
@@ -121,7 +122,7 @@ class GceProvider(Provider):
         self._host_key = boss_host_key
         self._worker_key = worker_key
         b = settings.boss
-        self.boss_url = boss_url or rq.boss_url(b.ssh_user, b.ssh_host, b.ssh_port, b.port)
+        self.boss_url = boss_url or reach_url(b.ssh_user, b.ssh_host, b.ssh_port, b.port)
         self.script_for: ScriptFor = script_for or _startup_script(settings)
         self._credentials = credentials
         self.dry_run = dry_run
@@ -140,23 +141,10 @@ class GceProvider(Provider):
 
     # ------------------------------------------------------------ plan (pure)
 
-    def boot(self) -> rq.Boot:
+    def boot(self) -> Boot:
         """What every worker gets to reach this boss; ProviderError when not configured."""
-        host_key = self._host_key
-        if host_key is None:
-            host_key = _read(self.gce.boss_host_key_file, "[gce] boss_host_key_file",
-                             "the boss machine's sshd public host key (its .pub file)")
-        worker_key = self._worker_key
-        if worker_key is None:
-            worker_key = (_read(self.gce.worker_key_file, "[gce] worker_key_file",
-                                "the workers' SSH private key")
-                          if self.gce.worker_key_file else "")
-        b = self.settings.boss
-        try:
-            known = rq.known_hosts_line(b.ssh_host, b.ssh_port, host_key)
-        except ValueError as exc:
-            raise ProviderError(f"gce: {exc}") from None
-        return rq.Boot(boss_url=self.boss_url, known_hosts=known, worker_key=worker_key)
+        return boot_for(self.settings, "gce", host_key=self._host_key,
+                        worker_key=self._worker_key, url=self.boss_url)
 
     def plan(self, specs: Sequence[WorkerSpec], batch: str | None = None
              ) -> builtins.list[rq.Request]:
@@ -473,12 +461,3 @@ class GceProvider(Provider):
                      client_options={"api_endpoint": endpoint} if endpoint else None)
 
 
-def _read(path: str, key: str, what: str) -> str:
-    try:
-        text = Path(path).expanduser().read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ProviderError(f"gce: cannot read {what} from {path} ({key}): "
-                            f"{exc.strerror or exc}") from None
-    if not text:
-        raise ProviderError(f"gce: {path} ({key}) is empty; it should hold {what}")
-    return text

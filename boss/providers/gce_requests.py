@@ -28,10 +28,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from boss.providers import WorkerSpec
+from boss.providers.reach import Boot
 from protocol.settings import GceSettings
 
 LABEL_BOSS = "ecloud-boss"
@@ -50,7 +51,6 @@ META_WORKER_KEY = "ecloud-worker-key"
 
 ALIVE = frozenset({"PROVISIONING", "STAGING", "RUNNING", "REPAIRING"})
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
-_HOST_KEY_TYPES = ("ssh-", "ecdsa-sha2-", "sk-ssh-", "sk-ecdsa-")
 _MAX_DETAIL = 100
 
 DEFAULT_STARTUP_SCRIPT = r"""#!/bin/bash
@@ -104,16 +104,6 @@ class Request:
         return out
 
 
-@dataclass(frozen=True)
-class Boot:
-    """What every worker needs to reach this boss (goes into its metadata)."""
-
-    boss_url: str
-    known_hosts: str
-    worker_key: str = ""
-    extra: Mapping[str, str] = field(default_factory=dict)
-
-
 # ---------------------------------------------------------------- names and URLs
 
 def instance_name(spec: WorkerSpec) -> str:
@@ -160,26 +150,6 @@ def boss_filter(boss_label: str, batch: str | None = None) -> str:
     if batch is not None:
         clauses.append(f'(labels.{LABEL_BATCH} = "{batch}")')
     return " AND ".join(clauses)
-
-
-def boss_url(ssh_user: str, ssh_host: str, ssh_port: int, rpc_port: int) -> str:
-    """``ssh://USER@HOST:SSHPORT?port=RPCPORT``: what ``worker run --boss`` takes."""
-    return f"ssh://{ssh_user}@{ssh_host}:{ssh_port}?port={rpc_port}"
-
-
-def known_hosts_line(host: str, port: int, host_key: str) -> str:
-    """The known_hosts line pinning ``host_key`` (an sshd ``.pub``: TYPE BASE64 [comment]).
-
-    A ready known_hosts line (``HOSTS TYPE BASE64``) is kept as it is.
-    """
-    fields = host_key.split()
-    if len(fields) >= 3 and fields[1].startswith(_HOST_KEY_TYPES):
-        return " ".join(fields[:3])
-    if len(fields) < 2 or not fields[0].startswith(_HOST_KEY_TYPES):
-        raise ValueError("the boss host key must be an SSH public key line "
-                         "(TYPE BASE64 [comment], as in /etc/ssh/ssh_host_ed25519_key.pub)")
-    where = host if port == 22 else f"[{host}]:{port}"
-    return f"{where} {fields[0]} {fields[1]}"
 
 
 # ---------------------------------------------------------------- bodies

@@ -52,20 +52,20 @@ def fake() -> Iterator[FakeCompute]:
                 _OPEN.pop().close()
 
 
-def make_settings(url: str, **gce: Any) -> Settings:
+def make_settings(url: str, boss: dict[str, Any] | None = None, **gce: Any) -> Settings:
     return Settings.model_validate({
         "gce": {"project": PROJECT, "zone": ZONE, "api_endpoint": url, **gce},
         "boss": {"ssh_host": "boss.example", "ssh_port": 2222, "ssh_user": "ecloud",
-                 "listen": "127.0.0.1:7878"},
+                 "listen": "127.0.0.1:7878", **(boss or {})},
     })
 
 
 def make_provider(fake: FakeCompute, gce: dict[str, Any] | None = None,
-                  **kw: Any) -> GceProvider:
+                  boss: dict[str, Any] | None = None, **kw: Any) -> GceProvider:
     options: dict[str, Any] = {"boss_host_key": HOST_KEY, "worker_key": "WORKER-PRIVATE-KEY",
                                "credentials": AnonymousCredentials(), "retry_wait": 0.001,
                                "retry_wait_max": 0.01, "poll_seconds": 0.01, **kw}
-    provider = GceProvider(make_settings(fake.url, **(gce or {})), **options)
+    provider = GceProvider(make_settings(fake.url, boss, **(gce or {})), **options)
     _OPEN.append(provider)  # closed by the fake fixture (no socket left open)
     return provider
 
@@ -232,19 +232,19 @@ def test_bulk_below_the_threshold_inserts_each(fake: FakeCompute) -> None:
 
 
 def test_missing_host_key_file(fake: FakeCompute, tmp_path: Any) -> None:
-    provider = make_provider(fake, {"boss_host_key_file": str(tmp_path / "nope.pub")},
+    provider = make_provider(fake, boss={"ssh_host_key_file": str(tmp_path / "nope.pub")},
                              boss_host_key=None)
     [result] = provider.create(specs(1))
-    assert isinstance(result, Failed) and "boss_host_key_file" in result.error
+    assert isinstance(result, Failed) and "ssh_host_key_file" in result.error
     assert fake.calls == []
-    with pytest.raises(ProviderError, match=r"boss_host_key_file"):
+    with pytest.raises(ProviderError, match=r"ssh_host_key_file"):
         provider.plan(specs(1))
 
 
 def test_registered_as_gce(fake: FakeCompute, tmp_path: Any) -> None:
     key = tmp_path / "host.pub"
     key.write_text(HOST_KEY + "\n")
-    settings = make_settings(fake.url, boss_host_key_file=str(key))
+    settings = make_settings(fake.url, boss={"ssh_host_key_file": str(key)})
     settings.provider.default = "gce"
     provider = provider_for(settings)
     assert isinstance(provider, GceProvider)

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from boss.providers import WorkerSpec
+from boss.providers import WorkerSpec, reach
 from boss.providers import gce_requests as rq
 from protocol.settings import GceSettings
 
 ZONE = "us-central1-a"
-BOOT = rq.Boot(boss_url="ssh://ecloud@boss:22?port=7878",
+BOOT = reach.Boot(boss_url="ssh://ecloud@boss:22?port=7878",
                known_hosts="boss ssh-ed25519 AAAA", worker_key="KEY")
 SPEC = WorkerSpec(7, "gce-0a1b2c3d", "secret-token", 4)
 
@@ -51,7 +51,7 @@ def test_metadata_carries_script_token_host_key_and_identity() -> None:
 
 
 def test_no_worker_key_no_item() -> None:
-    boot = rq.Boot(boss_url="u", known_hosts="k")
+    boot = reach.Boot(boss_url="u", known_hosts="k")
     assert "ecloud-worker-key" not in rq.shared_metadata("s", boot)
 
 
@@ -118,7 +118,7 @@ def test_filters_and_urls() -> None:
     assert rq.boss_filter("ecloud") == '(labels.ecloud-boss = "ecloud")'
     assert rq.boss_filter("b", "x1") == (
         '(labels.ecloud-boss = "b") AND (labels.ecloud-batch = "x1")')
-    assert rq.boss_url("u", "h", 2222, 7878) == "ssh://u@h:2222?port=7878"
+    assert reach.boss_url("u", "h", 2222, 7878) == "ssh://u@h:2222?port=7878"
     r = rq.list_request("p", ZONE, "f", "tok")
     assert r.to_json() == {"method": "instances.list", "project": "p", "zone": ZONE,
                            "filter": "f", "maxResults": "500", "pageToken": "tok"}
@@ -126,12 +126,12 @@ def test_filters_and_urls() -> None:
 
 def test_known_hosts_line() -> None:
     key = "ssh-ed25519 AAAAC3Nz root@boss"
-    assert rq.known_hosts_line("boss.example", 22, key) == "boss.example ssh-ed25519 AAAAC3Nz"
-    assert rq.known_hosts_line("10.0.0.2", 2222, key) == "[10.0.0.2]:2222 ssh-ed25519 AAAAC3Nz"
+    assert reach.known_hosts_line("boss.example", 22, key) == "boss.example ssh-ed25519 AAAAC3Nz"
+    assert reach.known_hosts_line("10.0.0.2", 2222, key) == "[10.0.0.2]:2222 ssh-ed25519 AAAAC3Nz"
     line = "[10.0.0.2]:22 ssh-ed25519 AAAAC3Nz"
-    assert rq.known_hosts_line("ignored", 22, line) == line
+    assert reach.known_hosts_line("ignored", 22, line) == line
     with pytest.raises(ValueError, match="public key line"):
-        rq.known_hosts_line("h", 22, "-----BEGIN OPENSSH PRIVATE KEY-----")
+        reach.known_hosts_line("h", 22, "-----BEGIN OPENSSH PRIVATE KEY-----")
 
 
 def test_default_script_runs_the_worker_from_metadata() -> None:
