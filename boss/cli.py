@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from boss import keys, render, server, startup
+from boss import keys, providers, render, server, startup
 from boss.errors import UserError
 from boss.providers import Created, Failed, provider_for
 from boss.scaler import Scaler
@@ -297,6 +297,8 @@ def instantiate_worker(
     slots: int | None = typer.Option(None, "--slots", min=1, max=1024,
                                      help="Slots per worker (default [worker] slots)."),
     spot: bool = typer.Option(False, "--spot", help="Spot / preemptible instances (gce)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be sent or run "
+                                 "(one JSON object a line); create nothing."),
 ) -> None:
     """Start workers now (ecloud's instantiate_worker); each gets its own token.
 
@@ -304,6 +306,11 @@ def instantiate_worker(
     """
     settings = ctx.obj["settings"]
     prov = provider_for(settings, provider)
+    if dry_run:
+        for item in providers.dry_run(prov, count, slots or settings.worker.slots, spot):
+            out.print(json.dumps(item, sort_keys=True), markup=False)
+        err.print(f"dry run: {count} {prov.name} worker(s) not created")
+        return
     results = _boss(ctx).instantiate(count, prov, slots or settings.worker.slots, spot)
     created = [r for r in results if isinstance(r, Created)]
     for c in created:

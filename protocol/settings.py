@@ -12,6 +12,7 @@ spawned elsewhere sees the same absolute places.
 from __future__ import annotations
 
 import json
+import re
 import os
 import tomllib
 from collections.abc import Mapping
@@ -117,6 +118,44 @@ class GceSettings(_Table):
         return labels
 
 
+_SSH_HOST = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])"
+                       r"(?::[0-9]{1,5})?$")
+
+
+class SshSettings(_Table):
+    """The ``ssh`` provider: an existing pool of hosts (boss/providers/ssh.py)."""
+
+    hosts: list[str] = Field(default_factory=list)  # "[USER@]HOST[:PORT]"
+    key_file: str = ""  # the boss's key for logging in to the hosts; empty: agent, ~/.ssh/id_*
+    known_hosts: str = "~/.ssh/known_hosts"  # pins the hosts' keys; unknown hosts are refused
+    workers_per_host: int = Field(default=1, ge=1, le=1024)
+    remote_dir: str = "~/.ecloud"  # "{host}" is replaced by the host's name
+    python: str = "python3"
+    install: Literal["upload", "none"] = "upload"
+    worker_command: str = "worker"  # with install = "none"
+    connect_seconds: float = Field(default=10.0, gt=0)
+    command_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_syntax(cls, hosts: list[str]) -> list[str]:
+        for i, host in enumerate(hosts):
+            if not _SSH_HOST.match(host):
+                raise ValueError(f"hosts[{i}] = {host!r}: write [USER@]HOST[:PORT]")
+        if len(set(hosts)) != len(hosts):
+            raise ValueError("hosts: a host is listed twice")
+        return hosts
+
+    @field_validator("remote_dir")
+    @classmethod
+    def _remote_dir(cls, value: str) -> str:
+        if not (value.startswith("/") or value == "~" or value.startswith("~/")):
+            raise ValueError(f"remote_dir {value!r}: an absolute path or one under ~/")
+        if any(ch in value for ch in "\n\0'\"$`\\"):
+            raise ValueError(f"remote_dir {value!r}: no quotes, $, ` or backslashes please")
+        return value.rstrip("/") or "/"
+
+
 class AutoscaleSettings(_Table):
     min_workers: int = Field(default=0, ge=0)
     max_workers: int = Field(default=10, ge=0)
@@ -134,6 +173,7 @@ class Settings(_Table):
     provider: ProviderSettings = Field(default_factory=ProviderSettings)
     autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
     gce: GceSettings = Field(default_factory=GceSettings)
+    ssh: SshSettings = Field(default_factory=SshSettings)
     source: str = "built-in defaults"
 
     def bucket_url(self, bucket: str) -> str | None:
@@ -148,6 +188,7 @@ TABLES: dict[str, type[_Table]] = {
     "provider": ProviderSettings,
     "autoscale": AutoscaleSettings,
     "gce": GceSettings,
+    "ssh": SshSettings,
 }
 
 

@@ -67,9 +67,9 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _free_port() -> int:
+def _free_port(host: str = HOST) -> int:
     with socket.socket() as s:
-        s.bind((HOST, 0))
+        s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
 
@@ -131,9 +131,9 @@ class Sshd:
         self.stop()
 
 
-def _config(root: Path, port: int, extra_config: str) -> str:
+def _config(root: Path, host: str, port: int, extra_config: str) -> str:
     return f"""\
-ListenAddress {HOST}
+ListenAddress {host}
 Port {port}
 HostKey {root / "host_ed25519"}
 AuthorizedKeysFile {root / "authorized_keys"}
@@ -152,14 +152,15 @@ LogLevel VERBOSE
 """
 
 
-def _wait_for_banner(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> bool:
-    """True once sshd on ``port`` greets with an SSH banner; False if sshd exited."""
+def _wait_for_banner(proc: subprocess.Popen[bytes], host: str, port: int,
+                     log_path: Path) -> bool:
+    """True once sshd on ``host:port`` greets with an SSH banner; False if sshd exited."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
         try:
-            with socket.create_connection((HOST, port), timeout=1.0) as s:
+            with socket.create_connection((host, port), timeout=1.0) as s:
                 # the banner proves it is our sshd, not whoever else owns the port
                 if s.recv(64).startswith(b"SSH-"):
                     return True
@@ -168,7 +169,7 @@ def _wait_for_banner(proc: subprocess.Popen[bytes], port: int, log_path: Path) -
         time.sleep(0.01)
     proc.kill()
     proc.wait(timeout=10)
-    raise SshdError(f"sshd did not accept connections on {HOST}:{port} within "
+    raise SshdError(f"sshd did not accept connections on {host}:{port} within "
                     f"{START_TIMEOUT:.0f} s; its log {log_path}:\n{_read(log_path)}")
 
 
@@ -180,12 +181,15 @@ def _read(path: Path) -> str:
 
 
 def start_sshd(tmp_path: Path, authorized_keys: list[str] | None = None,
-               extra_config: str = "") -> Sshd:
+               extra_config: str = "", host: str = HOST, netns: str | None = None,
+               port: int | None = None) -> Sshd:
     """Start sshd with its own keys under ``tmp_path / "sshd"``; return once it answers.
 
     ``authorized_keys`` are written after the generated client key's line (pass
     ``[]``, the default, for the client key alone; use ``set_authorized_keys`` to
-    drop it). ``extra_config`` lines are appended to sshd_config.
+    drop it). ``extra_config`` lines are appended to sshd_config. ``netns``: run
+    sshd inside that network namespace (``ip netns exec``), listening on ``host``
+    (an address there, reachable from here) and ``port`` (default: a free one).
     """
     if not SSHD.exists():
         raise SshdError(f"{SSHD} is missing: apt-get install openssh-server")
@@ -205,27 +209,31 @@ def start_sshd(tmp_path: Path, authorized_keys: list[str] | None = None,
     config_path = root / "sshd_config"
     stderr_path = root / "sshd.stderr"
 
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     for _ in range(_PORT_ATTEMPTS):
-        port = _free_port()
-        config_path.write_text(_config(root, port, extra_config))
+        port = port or _free_port(host)
+        config_path.write_text(_config(root, host, port, extra_config))
         log_path.write_text("")
         # stderr to a file, not a pipe: nobody drains a pipe while sshd runs, and an
         # unclosed pipe object is a ResourceWarning (an error under filterwarnings)
         with stderr_path.open("wb") as stderr_file:
             proc = subprocess.Popen(
-                [str(SSHD), "-f", str(config_path), "-D", "-E", str(log_path)],
+                [*prefix, str(SSHD), "-f", str(config_path), "-D", "-E", str(log_path)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_file,
             )
-        if _wait_for_banner(proc, port, log_path):
+        if _wait_for_banner(proc, host, port, log_path):
             known_hosts = root / "known_hosts"
-            known_hosts.write_text(f"[{HOST}]:{port} {key_type} {key_b64}\n")
+            # ssh writes port 22 hosts bare, and so looks them up
+            where = host if port == 22 else f"[{host}]:{port}"
+            known_hosts.write_text(f"{where} {key_type} {key_b64}\n")
             return Sshd(port=port, process=proc, host_key_pub=host_key_pub,
                         known_hosts_path=known_hosts, client_key_path=client_key_path,
                         client_key_pub=client_key_pub, authorized_keys_path=authorized,
-                        config_path=config_path, log_path=log_path)
+                        config_path=config_path, log_path=log_path, host=host)
         stderr = _read(stderr_path)
         if "Address already in use" not in _read(log_path) + stderr:
             break
+        port = None
     raise SshdError(f"sshd exited at start (config {config_path}); log {log_path}:\n"
                     f"{_read(log_path)}\n{stderr}")
 

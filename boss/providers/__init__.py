@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from boss.errors import BossError
 from protocol.settings import Settings
@@ -33,6 +34,9 @@ class WorkerSpec:
     token: str  # the worker's secret; only its hash is in the database
     slots: int
     spot: bool = False
+
+
+DRY_RUN_TOKEN = "<token: generated when the worker is created>"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,13 @@ class Provider(ABC):
         """Stop and remove a worker; deleting one that is already gone is not an error."""
 
     @abstractmethod
+    def plan(self, specs: Sequence[WorkerSpec]) -> list[dict[str, Any]]:
+        """What ``create(specs)`` would send or run, as JSON objects; starts nothing.
+
+        Secrets are not in it: a spec's token is a placeholder at this point.
+        """
+
+    @abstractmethod
     def list(self) -> list[Instance]:
         """The workers this provider runs for this boss."""
 
@@ -91,6 +102,14 @@ def register(name: str) -> Callable[[ProviderFactory], ProviderFactory]:
         PROVIDERS[name] = factory
         return factory
     return add
+
+
+def dry_run(provider: Provider, n: int, slots: int, spot: bool = False) -> list[dict[str, Any]]:
+    """``provider.plan`` of ``n`` workers that are not registered (no row, no token)."""
+    import secrets
+
+    return provider.plan([WorkerSpec(-i, f"{provider.name}-{secrets.token_hex(4)}",
+                                     DRY_RUN_TOKEN, slots, spot) for i in range(1, n + 1)])
 
 
 def provider_for(settings: Settings, name: str | None = None) -> Provider:

@@ -146,8 +146,11 @@ class GceProvider(Provider):
         return boot_for(self.settings, "gce", host_key=self._host_key,
                         worker_key=self._worker_key, url=self.boss_url)
 
-    def plan(self, specs: Sequence[WorkerSpec], batch: str | None = None
-             ) -> builtins.list[rq.Request]:
+    def plan(self, specs: Sequence[WorkerSpec]) -> builtins.list[dict[str, Any]]:
+        return [r.to_json() for r in self.requests(specs)]
+
+    def requests(self, specs: Sequence[WorkerSpec], batch: str | None = None
+                 ) -> builtins.list[rq.Request]:
         """The requests ``create`` sends first (one insert each, or one bulkInsert)."""
         boot = self.boot()
         project = self.project
@@ -188,7 +191,7 @@ class GceProvider(Provider):
             try:
                 if not self.dry_run:
                     self.service()
-                requests = self.plan(specs, batch)
+                requests = self.requests(specs, batch)
             except ProviderError as exc:
                 return [Failed(s.worker_id, str(exc)) for s in specs]
             if self.dry_run:

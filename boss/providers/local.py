@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from boss.providers import Created, Failed, Instance, Provider, WorkerSpec, register
 from protocol.settings import Settings
@@ -36,29 +37,39 @@ class LocalProvider(Provider):
         port = self.settings.boss.listen.rpartition(":")[2]
         return f"tcp://127.0.0.1:{port}"
 
+    def _launch(self, spec: WorkerSpec) -> tuple[list[str], dict[str, str]]:
+        """The worker's argv and the environment it adds (the boss's [worker] tuning)."""
+        token = self.root / f"{spec.name}.token"
+        w = self.settings.worker
+        env = {"ECLOUD_WORKER_WORKDIR": w.workdir,
+               "ECLOUD_WORKER_CACHE_DIR": w.cache_dir,
+               "ECLOUD_WORKER_CACHE_BYTES": str(w.cache_bytes),
+               "ECLOUD_WORKER_CONTAINER_RUNTIME": w.container_runtime,
+               "ECLOUD_WORKER_CONTAINER_ARGS": _json_list(w.container_args)}
+        argv = [sys.executable, "-m", "worker.cli", "run", "--boss", self._url(),
+                "--token-file", str(token), "--slots", str(spec.slots), "--burst"]
+        return argv, env
+
+    def plan(self, specs: Sequence[WorkerSpec]) -> list[dict[str, Any]]:
+        return [{"worker": spec.name, "argv": argv, "env": env, "cwd": str(self.root)}
+                for spec in specs for argv, env in [self._launch(spec)]]
+
     def create(self, specs: Sequence[WorkerSpec]) -> list[Created | Failed]:
         out: list[Created | Failed] = []
         self.root.mkdir(parents=True, exist_ok=True)
         for spec in specs:
             token = self.root / f"{spec.name}.token"
             log = self.root / f"{spec.name}.log"
+            argv, extra = self._launch(spec)
             try:
                 fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w") as f:
                     f.write(spec.token + "\n")
                 env = {k: v for k, v in os.environ.items() if k != "ECLOUD_SETTINGS"}
-                # the worker gets the boss's [worker] table through the environment
-                w = self.settings.worker
-                env.update({"ECLOUD_WORKER_WORKDIR": w.workdir,
-                            "ECLOUD_WORKER_CACHE_DIR": w.cache_dir,
-                            "ECLOUD_WORKER_CACHE_BYTES": str(w.cache_bytes),
-                            "ECLOUD_WORKER_CONTAINER_RUNTIME": w.container_runtime,
-                            "ECLOUD_WORKER_CONTAINER_ARGS": _json_list(w.container_args)})
+                env.update(extra)
                 with log.open("ab") as logf:
                     proc = subprocess.Popen(
-                        [sys.executable, "-m", "worker.cli", "run", "--boss", self._url(),
-                         "--token-file", str(token), "--slots", str(spec.slots), "--burst"],
-                        stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
+                        argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
                         start_new_session=True, cwd=str(self.root))
             except OSError as exc:
                 out.append(Failed(spec.worker_id, f"cannot start a local worker: {exc}"))

@@ -73,8 +73,8 @@ class Cli:
         assert "Traceback" not in ran.stderr, str(ran)
         return ran
 
-    def ok(self, *args: str, stdin: bytes = b"") -> Ran:
-        ran = self.run(*args, stdin=stdin)
+    def ok(self, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None) -> Ran:
+        ran = self.run(*args, stdin=stdin, env=env)
         assert ran.code == 0, str(ran)
         return ran
 

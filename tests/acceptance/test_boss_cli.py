@@ -205,3 +205,30 @@ def test_settings_found_in_the_current_directory(tmp_path: Path) -> None:
     init = cli.ok("init")
     assert init.stdout == "" and "database ready" in init.stderr
     assert f"sqlite:///{db_path(tmp_path)}" in init.stderr
+
+
+def test_instantiate_worker_dry_run_creates_nothing(cli: Cli, tmp_path: Path) -> None:
+    cli.ok("init")
+    before = snapshot(db_path(tmp_path))
+    ran = cli.ok("instantiate-worker", "2", "--slots", "3", "--dry-run")
+    plans = [json.loads(line) for line in ran.stdout.splitlines()]
+    assert len(plans) == 2 and "dry run: 2 local worker(s) not created" in ran.stderr
+    for plan in plans:
+        argv = plan["argv"]
+        assert argv[argv.index("--slots") + 1] == "3" and "--burst" in argv
+    assert snapshot(db_path(tmp_path)) == before
+    assert not (tmp_path / ".ecloud" / "workers").exists()
+
+    # gce: the request bodies, without credentials or a network; no token in them
+    key = tmp_path / "host.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOBn0dzAq1WPnk8RZMvh0Gm7S8a0gXhZ6F host\n")
+    ran = cli.ok("instantiate-worker", "1", "--provider", "gce", "--spot", "--dry-run",
+                 env={"ECLOUD_GCE_PROJECT": "proj", "ECLOUD_BOSS_SSH_HOST_KEY_FILE": str(key),
+                      "NO_GCE_CHECK": "true"})
+    [request] = [json.loads(line) for line in ran.stdout.splitlines()]
+    assert request["method"] == "instances.insert"
+    assert request["project"] == "proj" and request["zone"] == "us-central1-a"
+    assert request["body"]["scheduling"]["provisioningModel"] == "SPOT"
+    items = {i["key"]: i["value"] for i in request["body"]["metadata"]["items"]}
+    assert items["ecloud-token"].startswith("<token")
+    assert snapshot(db_path(tmp_path)) == before
