@@ -337,7 +337,9 @@ class Boss:
                 task_id = tasks.running_task_of(conn, worker_id, attempt_id)
                 if task_id is None:
                     return False
-                event_rows.record(conn, kind, task_id=task_id, attempt_id=attempt_id,
+                if kind not in event_rows.WORKER_KINDS:
+                    return False  # not a stage step: nothing a worker may write
+                event_rows.record(conn, "job." + kind, task_id=task_id, attempt_id=attempt_id,
                                   worker_id=worker_id, data=data, ts=ts or now)
                 return True
             case calls.Hello(token, address, slots):

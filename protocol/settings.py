@@ -156,6 +156,27 @@ class SshSettings(_Table):
         return value.rstrip("/") or "/"
 
 
+class EventsSettings(_Table):
+    """Where events go besides the database (boss/amqp.py)."""
+
+    amqp_url: str = ""  # amqp://USER:PASSWORD@HOST:5672/VHOST; empty: no AMQP sink
+    amqp_exchange: str = "hyperflow.events"  # a topic exchange, hyperflow's routing keys
+
+
+class CostSettings(_Table):
+    """Prices per worker-hour, for `boss report` and `boss admin status` (boss/cost.py)."""
+
+    currency: str = "USD"
+    local: float = Field(default=0.0, ge=0)
+    ssh: float = Field(default=0.0, ge=0)
+    gce: dict[str, float] = Field(default_factory=lambda: {
+        "e2-standard-2": 0.067, "e2-standard-4": 0.134, "e2-standard-8": 0.268,
+        "n2-standard-2": 0.097, "n2-standard-4": 0.194, "n2-standard-8": 0.388})
+    gce_spot: dict[str, float] = Field(default_factory=lambda: {
+        "e2-standard-2": 0.022, "e2-standard-4": 0.044, "e2-standard-8": 0.088,
+        "n2-standard-2": 0.024, "n2-standard-4": 0.047, "n2-standard-8": 0.094})
+
+
 class AutoscaleSettings(_Table):
     min_workers: int = Field(default=0, ge=0)
     max_workers: int = Field(default=10, ge=0)
@@ -174,6 +195,8 @@ class Settings(_Table):
     autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
     gce: GceSettings = Field(default_factory=GceSettings)
     ssh: SshSettings = Field(default_factory=SshSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
+    cost: CostSettings = Field(default_factory=CostSettings)
     source: str = "built-in defaults"
 
     def bucket_url(self, bucket: str) -> str | None:
@@ -189,6 +212,8 @@ TABLES: dict[str, type[_Table]] = {
     "autoscale": AutoscaleSettings,
     "gce": GceSettings,
     "ssh": SshSettings,
+    "events": EventsSettings,
+    "cost": CostSettings,
 }
 
 

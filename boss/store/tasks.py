@@ -67,7 +67,7 @@ def claim(conn: Connection, worker_id: int, n: int, lease: float, now: float) ->
         r = by_task[task_id]
         out.append(Assignment(attempt_id, task_id, r.name, r.tries + r.lost + 1,
                               json.loads(r.document)))
-    events.record_many(conn, [{"kind": "task.started", "task_id": a.task_id,
+    events.record_many(conn, [{"kind": "job.started", "task_id": a.task_id,
                                "attempt_id": a.attempt_id, "worker_id": worker_id,
                                "data": {"attempt": a.number}, "ts": now} for a in out])
     return out
@@ -106,7 +106,7 @@ def complete(conn: Connection, worker_id: int | None, result: Result, now: float
     if row is None:
         return None
     task_state = _end(conn, row.task_id, state, result.reason, now)
-    events.record(conn, "task.finished", task_id=row.task_id, attempt_id=result.attempt_id,
+    events.record(conn, "job.finished", task_id=row.task_id, attempt_id=result.attempt_id,
                   worker_id=worker_id, ts=now,
                   data={"outcome": result.outcome, "exit_status": result.exit_status,
                         "task_state": str(task_state), "reason": result.reason,
@@ -128,7 +128,7 @@ def expire(conn: Connection, now: float, worker_id: int | None = None) -> list[E
     ended = []
     for r in rows:
         st = _end(conn, r.task_id, A.LOST, reason, now)
-        events.record(conn, "task.lost", task_id=r.task_id, attempt_id=r.id,
+        events.record(conn, "job.lost", task_id=r.task_id, attempt_id=r.id,
                       worker_id=r.worker_id, ts=now, data={"task_state": str(st)})
         ended.append(Ended(r.id, r.task_id, st))
     return ended
@@ -201,7 +201,7 @@ def cancel(conn: Connection, name: str, now: float) -> TaskState:
     conn.execute(update(Task).where(Task.id == task_id)
                  .values(state=T.CANCELLED, updated_at=now, reason="cancelled by the user"))
     n = cascade(conn, [task_id], now)
-    events.record(conn, "task.cancelled", task_id=task_id, ts=now,
+    events.record(conn, "job.cancelled", task_id=task_id, ts=now,
                   data={"was": str(state), "upstream_failed": n})
     return state
 
@@ -254,7 +254,7 @@ def retry(conn: Connection, names: Sequence[str] | None, now: float) -> int:
                             Task.id.in_(select(Task.id).where(Task.id.in_(chunk))
                                         .union(_descendants(chunk))))
                      .values(state=T.READY))
-    events.record_many(conn, [{"kind": "task.retried", "task_id": i, "ts": now} for i in ids])
+    events.record_many(conn, [{"kind": "job.retried", "task_id": i, "ts": now} for i in ids])
     return moved
 
 
