@@ -135,3 +135,93 @@ def follow(console: Console, status: Callable[[], dict[str, Any]], every: float 
             if done == total or time.monotonic() > deadline:
                 return counts
             time.sleep(every)
+
+
+# --- observing a run -----------------------------------------------------------------
+
+class Rate:
+    """Tasks finished per second over the last ``window`` seconds, from successive counts."""
+
+    def __init__(self, window: float = 30.0) -> None:
+        self.window = window
+        self.samples: list[tuple[float, int]] = []
+
+    def add(self, t: float, done: int) -> float | None:
+        self.samples.append((t, done))
+        while len(self.samples) > 2 and t - self.samples[1][0] >= self.window:
+            self.samples.pop(0)
+        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}:{seconds % 60:02d}"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def dashboard(d: dict[str, Any], rate: float | None) -> Any:
+    """One frame of `boss watch`: progress, counts, workers, latest failures."""
+    from rich.console import Group
+
+    counts: dict[str, int] = d["tasks"]
+    total = sum(counts.values())
+    left = sum(counts.get(k, 0) for k in ACTIVE)
+    done = total - left
+    pace = "-" if rate is None else f"{rate:.1f} tasks/s"
+    eta = (_duration(left / rate) if rate and left else ("done" if not left else "-"))
+    head = (f"[bold]{done}/{total}[/] done  {pace}  ETA {eta}  |  "
+            + "  ".join(_state(k) + f" {v}" for k, v in counts.items() if v))
+    filled = round(60 * done / total) if total else 0
+    parts: list[Any] = [head, f"[green]{'━' * filled}[/][dim]{'━' * (60 - filled)}[/]"]
+    wt = Table("worker", "provider", "state", "address", "slots", "last seen", "tasks",
+               title=f"workers ({len(d['workers'])})")
+    for w in d["workers"][:30]:
+        wt.add_row(_text(w["name"]), _text(w["provider"]), _text(w["state"]),
+                   _text(w["address"] or "-"), f"{w['running']}/{w['slots']}",
+                   _ago(w["last_seen"]), _text(", ".join(w["tasks"]), 60))
+    parts.append(wt)
+    for e in d["worker_errors"]:
+        parts.append(f"[red]{e['count']} workers not created:[/] {_text(e['error'])}")
+    if d["failures"]:
+        ft = Table("task", "attempt", "when", "exit", "reason", title="latest failures")
+        for f in d["failures"]:
+            ft.add_row(_text(f["name"]), str(f["number"]), _ago(f["finished_at"]),
+                       "-" if f["exit_status"] is None else str(f["exit_status"]),
+                       _text(f["reason"], 80))
+        parts.append(ft)
+    return Group(*parts)
+
+
+def watch(console: Console, fetch: Callable[[], dict[str, Any]], every: float = 1.0,
+          once: bool = False, limit: float = 30 * 24 * 3600.0) -> None:
+    """Refresh the dashboard every ``every`` seconds until Ctrl-C (or once)."""
+    from rich.live import Live
+
+    rate = Rate()
+    if once:
+        console.print(dashboard(fetch(), None))
+        return
+    deadline = time.monotonic() + limit
+    with Live(console=console, auto_refresh=False, screen=False) as live:
+        while time.monotonic() < deadline:
+            d = fetch()
+            counts = d["tasks"]
+            done = sum(counts.values()) - sum(counts.get(k, 0) for k in ACTIVE)
+            live.update(dashboard(d, rate.add(time.monotonic(), done)), refresh=True)
+            time.sleep(every)
+
+
+def event_line(e: dict[str, Any]) -> str:
+    """One event as a log line: time, routing key, task, worker, data."""
+    when = time.strftime("%H:%M:%S", time.localtime(e["ts"])) + f".{int(e['ts'] % 1 * 1000):03d}"
+    who = []
+    if e.get("task"):
+        who.append(f"task={e['task']}")
+    if e.get("attempt_id"):
+        who.append(f"attempt={e['attempt_id']}")
+    if e.get("worker_id"):
+        who.append(f"worker={e['worker_id']}")
+    data = json.dumps(e["data"], sort_keys=True) if e["data"] else ""
+    return " ".join([when, e["key"], *who, data]).rstrip()

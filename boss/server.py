@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import signal
 import threading
 import time
@@ -34,13 +33,13 @@ from boss import calls
 from boss.errors import BossError, DatabaseError, UserError
 from boss.scaler import Scaler
 from boss.service import Boss, PopAnswer, WorkerIdentity
+from boss.store import events as event_rows
 from protocol import messages
 from protocol.errors import Code, ProtocolError
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
-EVENT_KIND = re.compile(r"[a-z][a-z_]{0,30}(\.[a-z][a-z_]{0,30}){0,3}")
 MAX_EVENT_BYTES = 16 * 1024
 MAX_EVENTS = 10_000
 
@@ -326,9 +325,9 @@ class Server:
         kind = messages.arg(e, "kind", str)
         data = messages.arg(e, "data", dict, {})
         ts = messages.arg(e, "ts", (int, float), now)
-        if not EVENT_KIND.fullmatch(kind):
-            raise ProtocolError(Code.MALFORMED, f"event kind {kind[:80]!r} is not valid "
-                                "(lower-case words joined by dots, e.g. stage_in.finished)")
+        if kind not in event_rows.WORKER_KINDS:
+            raise ProtocolError(Code.MALFORMED, f"event kind {kind[:80]!r} is not one of "
+                                + ", ".join(sorted(event_rows.WORKER_KINDS)))
         if len(messages.encode(data)) > MAX_EVENT_BYTES:
             raise ProtocolError(Code.MALFORMED, f"event data over {MAX_EVENT_BYTES} bytes")
         # the worker's clock stamps when it happened; never trust it beyond a lease's span

@@ -113,6 +113,66 @@ class Boss:
         with self.store.tx() as conn:
             return tasks.retry(conn, names, time.time())
 
+    # --- observing a run ------------------------------------------------
+
+    def events(self, after_id: int = 0, limit: int = 1000, task: str | None = None,
+               since_ts: float | None = None, kinds: Sequence[str] = ()
+               ) -> list[dict[str, Any]]:
+        """Events after ``after_id``, oldest first, with hyperflow's routing key and names."""
+        with self.store.ro() as conn:
+            task_id = tasks.find(conn, task)[0] if task is not None else None
+            rows = event_rows.since(conn, after_id, limit=limit, task_id=task_id,
+                                    since_ts=since_ts, kinds=kinds)
+            names = reads.task_names(conn, {r["task_id"] for r in rows if r["task_id"]})
+        for r in rows:
+            r["key"] = event_rows.routing_key(r["kind"], r["task_id"])
+            r["task"] = names.get(r["task_id"])
+        return rows
+
+    def prune_events(self, before_ts: float) -> int:
+        with self.store.tx() as conn:
+            return event_rows.prune(conn, before_ts)
+
+    def why(self, name: str) -> dict[str, Any]:
+        """The task and the sentences of `boss why`."""
+        from boss import why
+
+        with self.store.ro() as conn:
+            task = reads.task(conn, name)
+            views = workers.views(conn)
+            situation = why.Situation(
+                queue_ahead=(reads.queue_ahead(conn, task["id"], task["priority"])
+                             if task["state"] == "ready" else 0),
+                workers=workers.counts(conn),
+                free_slots=sum(max(0, v["slots"] - v["running"]) for v in views
+                               if v["state"] in ("idle", "busy")),
+                worker_errors=[{"error": e, "count": n} for e, n in workers.errors(conn)],
+                failed_ancestors=(reads.failed_ancestors(conn, task["id"])
+                                  if task["state"] == "upstream_failed" else ()),
+                autoscale=self.settings.autoscale.enabled,
+                max_workers=self.settings.autoscale.max_workers)
+        return {"task": name, "state": task["state"],
+                "because": why.explain(task, situation)}
+
+    def logs(self, name: str, attempt: int | None = None, stream: str = "stdout") -> Any:
+        """A task's captured output (:class:`boss.logs.Logs`)."""
+        from boss import logs
+
+        task = self.show(name)
+        buckets, default = self.buckets()
+        return logs.fetch(task, logs.pick_attempt(task, attempt), stream, buckets, default)
+
+    def dashboard(self) -> dict[str, Any]:
+        """What `boss watch` shows: counts, workers with their tasks, latest failures."""
+        with self.store.ro() as conn:
+            running = reads.running_by_worker(conn)
+            return {"tasks": reads.task_counts(conn),
+                    "workers": [{**w, "tasks": running.get(w["id"], [])}
+                                for w in workers.views(conn)],
+                    "worker_errors": [{"error": e, "count": n}
+                                      for e, n in workers.errors(conn)],
+                    "failures": reads.recent_failures(conn)}
+
     # --- context and datastore ------------------------------------------
 
     def context(self) -> dict[str, str]:

@@ -246,7 +246,8 @@ class _Attempt:
         seconds = time.monotonic() - start
         self.metrics[metric] = float(sum(moved))
         self.metrics[kind.replace("-", "_") + "_seconds"] = seconds
-        self.emit(f"{kind}.finished", {"bytes": sum(moved), "seconds": seconds})
+        # "time" is hyperflow's name for the transfer time
+        self.emit(f"{kind}.finished", {"bytes": sum(moved), "seconds": seconds, "time": seconds})
 
     def _stage_in(self, doc: TaskDocument, store: datastore.Datastore, inputs: list[Binding],
                   layout: Layout) -> int:

@@ -75,7 +75,7 @@ def since(conn: Connection, after_id: int = 0, *, limit: int = 1000,
     return [{"id": e.id, "ts": e.ts, "kind": e.kind, "task_id": e.task_id,
              "attempt_id": e.attempt_id, "worker_id": e.worker_id,
              "data": json.loads(e.data) if e.data else {}}
-            for e in conn.execute(q).scalars()]
+            for e in conn.execute(q).all()]
 
 
 def last_id(conn: Connection) -> int:

@@ -122,9 +122,12 @@ class _Insert:
             self.conn.execute(text(
                 "SELECT setval(pg_get_serial_sequence('tasks', 'id'), "
                 "(SELECT coalesce(max(id), 1) FROM tasks))"))
-        events.record(self.conn, "tasks.pushed",
+        # one event per push, not per task: a million rows more would double the push
+        events.record(self.conn, "jobs.pushed",
                       data={"source": p.source, "tasks": self.pushed, "edges": self.edges,
-                            "skipped": len(self.existing)})
+                            "skipped": len(self.existing), "ready": ready,
+                            "first_id": self.base if self.pushed else None,
+                            "last_id": self.base + self.pushed - 1 if self.pushed else None})
         return PushResult(self.pushed, len(self.existing), self.edges, ready,
                           self.base if self.pushed else None)
 

@@ -58,3 +58,55 @@ def task(conn: Connection, name: str) -> dict[str, Any]:
             for a in attempts
         ],
     }
+
+
+def queue_ahead(conn: Connection, task_id: int, priority: int) -> int:
+    """Ready tasks a worker would take before this one (the claim's order)."""
+    return int(conn.execute(
+        select(func.count()).select_from(Task).where(
+            Task.state == TaskState.READY,
+            (Task.priority > priority) | ((Task.priority == priority) & (Task.id < task_id)))
+    ).scalar_one())
+
+
+def failed_ancestors(conn: Connection, task_id: int, limit: int = 10) -> list[dict[str, Any]]:
+    """The failed or cancelled tasks upstream of ``task_id`` (what made it upstream_failed)."""
+    seed = select(TaskEdge.parent_id.label("id")).where(TaskEdge.child_id == task_id)
+    tree = seed.cte("up", recursive=True)
+    tree = tree.union(select(TaskEdge.parent_id).where(TaskEdge.child_id == tree.c.id))
+    rows = conn.execute(
+        select(Task.name, Task.state, Task.reason)
+        .where(Task.id.in_(select(tree.c.id)),
+               Task.state.in_([TaskState.FAILED, TaskState.CANCELLED]))
+        .order_by(Task.id).limit(limit)).all()
+    return [{"name": n, "state": s, "reason": r} for n, s, r in rows]
+
+
+def recent_failures(conn: Connection, limit: int = 5) -> list[dict[str, Any]]:
+    """The latest failed attempts, newest first (for `boss watch`)."""
+    rows = conn.execute(
+        select(Task.name, Attempt.number, Attempt.finished_at, Attempt.reason,
+               Attempt.exit_status)
+        .join(Task, Task.id == Attempt.task_id)
+        .where(Attempt.state == "failed").order_by(Attempt.id.desc()).limit(limit)).all()
+    return [dict(r._mapping) for r in rows]
+
+
+def running_by_worker(conn: Connection, limit: int = 8) -> dict[int, list[str]]:
+    """Names of the tasks each worker runs (at most ``limit`` each)."""
+    rows = conn.execute(
+        select(Attempt.worker_id, Task.name).join(Task, Task.id == Attempt.task_id)
+        .where(Attempt.state == "running").order_by(Attempt.id)).all()
+    out: dict[int, list[str]] = {}
+    for wid, name in rows:
+        names = out.setdefault(int(wid or 0), [])
+        if len(names) < limit:
+            names.append(name)
+    return out
+
+
+def task_names(conn: Connection, ids: set[int]) -> dict[int, str]:
+    if not ids:
+        return {}
+    rows = conn.execute(select(Task.id, Task.name).where(Task.id.in_(sorted(ids)))).all()
+    return {int(i): str(n) for i, n in rows}

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Select, exists, insert, select, update
 from sqlalchemy.orm import aliased
 
 from boss.errors import InvalidState, NotFound
-from boss.lifecycle import RETRYABLE, AttemptState, TaskState, after_attempt
+from boss.lifecycle import RETRYABLE, AttemptState, Outcome, TaskState, after_attempt
 from boss.models import Attempt, Task, TaskEdge
 from boss.store import events
 from protocol.messages import Assignment, Result
@@ -105,12 +105,14 @@ def complete(conn: Connection, worker_id: int | None, result: Result, now: float
     ).first()
     if row is None:
         return None
-    task_state = _end(conn, row.task_id, state, result.reason, now)
+    out = _end(conn, row.task_id, state, result.reason, now)
+    task_state = out.task_state
     events.record(conn, "job.finished", task_id=row.task_id, attempt_id=result.attempt_id,
                   worker_id=worker_id, ts=now,
                   data={"outcome": result.outcome, "exit_status": result.exit_status,
                         "task_state": str(task_state), "reason": result.reason,
                         **result.metrics})
+    _propagate(conn, row.task_id, out, now)
     return Ended(result.attempt_id, row.task_id, task_state)
 
 
@@ -127,15 +129,17 @@ def expire(conn: Connection, now: float, worker_id: int | None = None) -> list[E
     ).all()
     ended = []
     for r in rows:
-        st = _end(conn, r.task_id, A.LOST, reason, now)
+        out = _end(conn, r.task_id, A.LOST, reason, now)
+        st = out.task_state
         events.record(conn, "job.lost", task_id=r.task_id, attempt_id=r.id,
                       worker_id=r.worker_id, ts=now, data={"task_state": str(st)})
+        _propagate(conn, r.task_id, out, now)
         ended.append(Ended(r.id, r.task_id, st))
     return ended
 
 
 def _end(conn: Connection, task_id: int, attempt: AttemptState, reason: str | None,
-         now: float) -> TaskState:
+         now: float) -> Outcome:
     task = conn.execute(
         select(Task.tries, Task.lost, Task.max_tries).where(Task.id == task_id)
     ).one()
@@ -145,11 +149,15 @@ def _end(conn: Connection, task_id: int, attempt: AttemptState, reason: str | No
         .values(state=out.task_state, tries=out.tries, lost=out.lost, updated_at=now,
                 reason=None if out.task_state is T.SUCCEEDED else (reason or None))
     )
+    return out
+
+
+def _propagate(conn: Connection, task_id: int, out: Outcome, now: float) -> None:
+    """After the task's own event: release its children, or fail them (the cascade)."""
     if out.task_state is T.SUCCEEDED:
         release(conn, [task_id], now)
     if out.cascade:
         cascade(conn, [task_id], now)
-    return out.task_state
 
 
 def release(conn: Connection, parent_ids: Iterable[int], now: float) -> None:
@@ -158,10 +166,13 @@ def release(conn: Connection, parent_ids: Iterable[int], now: float) -> None:
         kids = select(TaskEdge.child_id).where(TaskEdge.parent_id == pid).scalar_subquery()
         conn.execute(update(Task).where(Task.id.in_(kids))
                      .values(pending_parents=Task.pending_parents - 1))
-        conn.execute(update(Task)
-                     .where(Task.id.in_(kids), Task.state == T.WAITING,
-                            Task.pending_parents <= 0)
-                     .values(state=T.READY, updated_at=now))
+        ready = conn.execute(update(Task)
+                             .where(Task.id.in_(kids), Task.state == T.WAITING,
+                                    Task.pending_parents <= 0)
+                             .values(state=T.READY, updated_at=now)
+                             .returning(Task.id)).scalars().all()
+        events.record_many(conn, [{"kind": "job.ready", "task_id": i, "ts": now,
+                                   "data": {"released_by": pid}} for i in ready])
 
 
 def _descendants(roots: Sequence[int]) -> Select[tuple[int]]:
@@ -175,12 +186,15 @@ def _descendants(roots: Sequence[int]) -> Select[tuple[int]]:
 def cascade(conn: Connection, roots: Sequence[int], now: float) -> int:
     """Every waiting or ready descendant of ``roots`` becomes upstream_failed."""
     # count by RETURNING: pysqlite reports rowcount -1 for a statement that starts with WITH
-    return len(conn.execute(
+    failed = conn.execute(
         update(Task)
         .where(Task.id.in_(_descendants(roots)), Task.state.in_([T.WAITING, T.READY]))
         .values(state=T.UPSTREAM_FAILED, updated_at=now)
         .returning(Task.id)
-    ).all())
+    ).scalars().all()
+    events.record_many(conn, [{"kind": "job.upstream-failed", "task_id": i, "ts": now,
+                               "data": {"because_of": list(roots)[:10]}} for i in failed])
+    return len(failed)
 
 
 def find(conn: Connection, name: str) -> tuple[int, TaskState]:
@@ -249,11 +263,14 @@ def retry(conn: Connection, names: Sequence[str] | None, now: float) -> int:
             if not back:
                 break
         # waiting tasks whose parents all succeeded are ready
-        conn.execute(update(Task)
-                     .where(Task.state == T.WAITING, Task.pending_parents <= 0,
-                            Task.id.in_(select(Task.id).where(Task.id.in_(chunk))
-                                        .union(_descendants(chunk))))
-                     .values(state=T.READY))
+        ready = conn.execute(update(Task)
+                             .where(Task.state == T.WAITING, Task.pending_parents <= 0,
+                                    Task.id.in_(select(Task.id).where(Task.id.in_(chunk))
+                                                .union(_descendants(chunk))))
+                             .values(state=T.READY)
+                             .returning(Task.id)).scalars().all()
+        events.record_many(conn, [{"kind": "job.ready", "task_id": i, "ts": now}
+                                  for i in ready])
     events.record_many(conn, [{"kind": "job.retried", "task_id": i, "ts": now} for i in ids])
     return moved
 

@@ -113,8 +113,8 @@ def views(conn: Connection) -> list[dict[str, Any]]:
     last_end = (select(Attempt.worker_id, func.max(Attempt.finished_at).label("t"))
                 .group_by(Attempt.worker_id).subquery())
     rows = conn.execute(
-        select(Worker.id, Worker.state, Worker.slots, Worker.created_at, Worker.last_seen,
-               Worker.provider, Worker.reference,
+        select(Worker.id, Worker.name, Worker.address, Worker.state, Worker.slots,
+               Worker.created_at, Worker.last_seen, Worker.provider, Worker.reference,
                func.coalesce(running.c.n, 0).label("running"), last_end.c.t.label("last_end"))
         .outerjoin(running, running.c.worker_id == Worker.id)
         .outerjoin(last_end, last_end.c.worker_id == Worker.id)

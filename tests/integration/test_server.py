@@ -112,9 +112,15 @@ def test_a_worker_cycle_over_the_wire(served: tuple[Boss, int], tmp_path: Path) 
     r = c.call("pop", {"n": 2})["result"]
     assert r["none"] and r["retry_after"] > 0
     ev = c.call("event", {"events": [
-        {"attempt_id": a["attempt_id"], "kind": "stage_in.finished",
+        {"attempt_id": a["attempt_id"], "kind": "stage-in.finished",
          "data": {"bytes": 10, "seconds": 0.1}, "ts": 0}]})
     assert ev["result"] == {"not_current": []}
+    # stored under hyperflow's name; a kind the worker never sends is refused
+    [stored] = boss.events(kinds=["job.stage-in.finished"])
+    assert stored["key"] == f"job.{stored['task_id']}.stage-in.finished"
+    assert stored["data"] == {"bytes": 10, "seconds": 0.1}
+    bad = c.call("event", {"events": [{"attempt_id": a["attempt_id"], "kind": "job.finished"}]})
+    assert bad["error"]["code"] == "malformed" and "stage-in.started" in bad["error"]["message"]
     assert c.call("heartbeat", {"attempts": [a["attempt_id"], 999]})["result"] == {
         "cancel": [999]}
     done = c.call("complete", {"attempt_id": a["attempt_id"], "outcome": "succeeded",
@@ -147,7 +153,8 @@ def test_another_workers_attempt_cannot_be_reported(served: tuple[Boss, int],
     (a,) = c1.call("pop", {"n": 1})["result"]["tasks"]
     r = c2.call("complete", {"attempt_id": a["attempt_id"], "outcome": "succeeded"})
     assert r["error"]["code"] == "not_current"
-    ev = c2.call("event", {"events": [{"attempt_id": a["attempt_id"], "kind": "x.y"}]})
+    ev = c2.call("event", {"events": [{"attempt_id": a["attempt_id"],
+                                        "kind": "execution.started"}]})
     assert ev["result"]["not_current"] == [a["attempt_id"]]
     assert states(boss) == {"a": "running"}
     c1.close()
