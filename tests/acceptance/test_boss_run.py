@@ -63,3 +63,26 @@ def test_boss_run_example_pipeline(tmp_path: Path) -> None:
     assert json.loads(bad.stdout)["tasks"] == {"succeeded": 8, "failed": 1,
                                                "upstream_failed": 1}
     assert worker_processes(root) == []
+
+    # after the run: its events, a task's logs, why things are as they are, one dashboard
+    events = [json.loads(line) for line in boss(root, "events", "--json").stdout.splitlines()]
+    keys = {e["key"] for e in events}
+    split_id = next(e["task_id"] for e in events if e.get("task") == "split")
+    assert {f"job.{split_id}.stage-in.finished", f"job.{split_id}.execution.finished",
+            f"job.{split_id}.stage-out.finished"} <= keys
+    lines = boss(root, "events", "--task", "boom").stdout.splitlines()
+    assert lines and all("task=boom" in line for line in lines)
+    recent = boss(root, "events", "--since", "1h", "--kind", "job.finished")
+    assert recent.returncode == 0 and len(recent.stdout.splitlines()) == 9  # after-boom never ran
+    assert boss(root, "events", "--since", "soon").returncode == 2
+    logs = boss(root, "logs", "boom", "--stderr")
+    assert logs.returncode == 0 and logs.stdout == "oops\n", logs
+    assert boss(root, "logs", "boom", "--attempt", "2").returncode == 2
+    why = boss(root, "why", "after-boom")
+    assert why.returncode == 0 and "upstream_failed because of boom" in why.stdout
+    frame = boss(root, "watch", "--once")
+    assert frame.returncode == 0 and "10/10 done" in frame.stdout
+    total = len(boss(root, "events", "--limit", "100000").stdout.splitlines())
+    pruned = boss(root, "admin", "prune-events", "0")
+    assert pruned.returncode == 0 and int(pruned.stdout) == total > 0
+    assert boss(root, "events").stdout == ""
