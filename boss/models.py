@@ -8,6 +8,7 @@ PostgreSQL. The migrations in migrations/versions must match these models
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Float,
     ForeignKey,
     Index,
@@ -54,6 +55,19 @@ class Task(Base):
         # the claim query: ready tasks, highest priority first, then oldest
         Index("ix_tasks_state_priority_id", "state", "priority", "id"),
     )
+
+
+class TaskStateCount(Base):
+    """How many tasks are in each state, kept by triggers (migration 0002) and the push.
+
+    `boss watch` and `boss admin status` read these seven rows instead of
+    counting a million tasks on every refresh.
+    """
+
+    __tablename__ = "task_state_counts"
+
+    state: Mapped[str] = mapped_column(String(20), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class TaskEdge(Base):

@@ -23,12 +23,12 @@ from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, bindparam, func, select, text, update
 
 from boss import graph
 from boss.errors import PushError
 from boss.lifecycle import TaskState, initial_state
-from boss.models import Task, TaskOutput
+from boss.models import Task, TaskOutput, TaskStateCount
 from boss.push import Chunk, Plan, Planner, document_text
 from boss.store import events
 
@@ -103,6 +103,7 @@ class _Insert:
             conn.execute(text("SELECT pg_advisory_xact_lock(7878001)"))
         self.any_tasks = conn.execute(select(Task.id).limit(1)).first() is not None
         self.base = conn.execute(select(func.coalesce(func.max(Task.id), 0))).scalar_one() + 1
+        self.first_ready = 0  # rows inserted as ready (before _correct_states)
 
     def run(self, first: Chunk, rest: Iterator[Chunk]) -> PushResult:
         planner, p = self.planner, self.plan
@@ -117,6 +118,7 @@ class _Insert:
         if self.db_problems:
             raise PushError(p.source, self.db_problems[:50], len(self.db_problems))
         self._insert_late(external)
+        self._count(self.first_ready, self.pushed - self.first_ready)
         ready = self._correct_states(external)
         if self.dialect == "postgresql":
             self.conn.execute(text(
@@ -149,6 +151,9 @@ class _Insert:
         pending = [0 if pa < 0 else 1 + len(more[i]) if i in more else 1
                    for i, pa in enumerate(p.parent[start:end], start)]
         states = [READY if n == 0 else WAITING for n in pending]
+        # the counts take each row as inserted; the corrections go through the trigger
+        self.first_ready += sum(1 for k, st in enumerate(states, start)
+                                if st == READY and k not in self.existing)
         now = repeat(self.now)
         rows: Iterable[tuple[Any, ...]] = zip(
             range(base + start, base + end), p.names[start:end], states,
@@ -269,6 +274,13 @@ class _Insert:
             self.conn.execute(text("UPDATE tasks SET state = :state, pending_parents = :pending "
                                    "WHERE id = :id"), fixes)
         return ready
+
+    def _count(self, ready: int, waiting: int) -> None:
+        """Add the inserted rows to task_state_counts (no trigger on insert: too slow)."""
+        self.conn.execute(
+            update(TaskStateCount).where(TaskStateCount.state == bindparam("s"))
+            .values(n=TaskStateCount.n + bindparam("k")),
+            [{"s": READY, "k": ready}, {"s": WAITING, "k": waiting}])
 
     # --- rows ---------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ from tests import pg
 
 _counter = itertools.count()
 
-TABLES = {"tasks", "task_edges", "task_outputs", "attempts", "workers", "context", "events"}
+TABLES = {"tasks", "task_edges", "task_outputs", "attempts", "workers", "context", "events",
+          "task_state_counts"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -126,3 +127,29 @@ def test_constraints_are_named(empty_engine: Engine) -> None:
             assert fk["name"], f"{table}: unnamed foreign key {fk}"
         for uq in insp.get_unique_constraints(table):
             assert uq["name"], f"{table}: unnamed unique constraint {uq}"
+
+
+def test_0002_counts_existing_tasks_and_follows_changes(empty_engine: Engine) -> None:
+    """Upgrading a database with tasks seeds the counts; the trigger moves them after."""
+    from sqlalchemy import text
+
+    alembic(empty_engine, "upgrade", "0001")
+    states = ["ready", "ready", "waiting", "succeeded", "failed"]
+    with empty_engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO tasks (id, name, state, priority, document, max_tries, tries, lost, "
+            "pending_parents, created_at, updated_at) VALUES (:id, :name, :state, 0, '{}', 1, "
+            "0, 0, 0, 0, 0)"),
+            [{"id": i + 1, "name": f"t{i}", "state": s} for i, s in enumerate(states)])
+    alembic(empty_engine, "upgrade", "head")
+
+    def counts() -> dict[str, int]:
+        with empty_engine.connect() as conn:
+            return {s: int(n) for s, n in conn.execute(text(
+                "SELECT state, n FROM task_state_counts")) if n}
+
+    assert counts() == {"ready": 2, "waiting": 1, "succeeded": 1, "failed": 1}
+    with empty_engine.begin() as conn:
+        conn.execute(text("UPDATE tasks SET state = 'running' WHERE state = 'ready'"))
+        conn.execute(text("UPDATE tasks SET priority = 5"))  # no state change: no move
+    assert counts() == {"running": 2, "waiting": 1, "succeeded": 1, "failed": 1}
