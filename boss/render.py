@@ -91,6 +91,11 @@ def status(out: Console, d: dict[str, Any]) -> None:
     out.print(wt)
     for e in d["worker_errors"]:
         out.print(f"[red]{e['count']} workers not created:[/] {_text(e['error'])}")
+    c = d["cost"]
+    unpriced = (f" ({c['unpriced_workers']} worker(s) without a price, see [cost])"
+                if c["unpriced_workers"] else "")
+    out.print(f"VM time {c['vm_seconds'] / 3600:.2f} h, cost {c['cost']:.2f} "
+              f"{_text(c['currency'])}{unpriced}", markup=False)
     if d["context"]:
         ct = Table("key", "value", title="context")
         for k, v in d["context"].items():

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from boss import calls
 from boss.errors import BossError, DatabaseError, UserError
@@ -36,6 +36,9 @@ from boss.service import Boss, PopAnswer, WorkerIdentity
 from boss.store import events as event_rows
 from protocol import messages
 from protocol.errors import Code, ProtocolError
+
+if TYPE_CHECKING:
+    from boss.amqp import EventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,7 @@ class Server:
         self._scaling: asyncio.Task[None] | None = None
         # provider calls block (HTTP, SSH): their own thread, never the loop or the DB thread
         self._scale_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaler")
+        self._events: EventPublisher | None = None  # [events] amqp_url
         self._handlers: dict[str, Handler] = {
             "pop": self._pop, "heartbeat": self._heartbeat, "event": self._event,
             "complete": self._complete, "goodbye": self._goodbye,
@@ -134,6 +138,11 @@ class Server:
 
     async def start(self) -> int:
         """Bind and start serving; return the port (useful when 0 asked for any)."""
+        if self.boss.settings.events.amqp_url:
+            from boss.amqp import EventPublisher  # pika is imported only when asked for
+
+            # built first: a bad [events] setting stops `boss serve` before it binds
+            self._events = EventPublisher.from_settings(self.boss)
         try:
             self._server = await asyncio.start_server(
                 self._serve_connection, self.host, self.port, limit=messages.MAX_LINE + 1)
@@ -146,6 +155,8 @@ class Server:
         self._reaper = asyncio.create_task(self._reap())
         if self.scaler is not None:
             self._scaling = asyncio.create_task(self._scale())
+        if self._events is not None:
+            self._events.start()  # its own thread: the broker never slows a transition
         return self.port
 
     async def serve_until(self, stop: asyncio.Event) -> None:
@@ -174,6 +185,9 @@ class Server:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         self.commits.close()
+        if self._events is not None:
+            # last: the workers' goodbyes above are events too
+            await loop.run_in_executor(None, self._events.stop)
 
     async def _reap(self) -> None:
         every = self.boss.settings.boss.reap_seconds

@@ -84,11 +84,22 @@ class Boss:
                 spooled.unlink(missing_ok=True)
 
     def status(self) -> dict[str, Any]:
+        from boss import cost
+        from boss.store import report_reads
+
+        now = time.time()
         with self.store.ro() as conn:
+            usage = [cost.WorkerUsage(w["id"], w["provider"], w["state"], w["created_at"],
+                                      w["last_seen"]) for w in report_reads.workers(conn)]
+            costs = cost.worker_costs(usage, self.settings, now)
             return {
                 "tasks": reads.task_counts(conn),
                 "workers": workers.counts(conn),
                 "worker_errors": [{"error": e, "count": n} for e, n in workers.errors(conn)],
+                "cost": {"vm_seconds": sum(c.seconds for c in costs),
+                         "cost": sum(c.cost for c in costs if c.cost is not None),
+                         "currency": self.settings.cost.currency,
+                         "unpriced_workers": sum(1 for c in costs if c.cost is None)},
                 "context": workers.context(conn),
                 "database": self.store.engine.url.render_as_string(hide_password=True),
             }

@@ -21,7 +21,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PYTHON=${PYTHON:-python3}
 VENV=$ROOT/.venv
-APT_PACKAGES=(openssh-server postgresql podman runc busybox-static uidmap iproute2 python3 python3-venv)
+APT_PACKAGES=(openssh-server postgresql podman runc busybox-static uidmap iproute2 python3 python3-venv chromium rabbitmq-server)
 
 say() { printf 'test.sh: %s\n' "$*" >&2; }
 

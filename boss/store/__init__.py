@@ -50,6 +50,10 @@ class Store:
         except OperationalError as exc:
             text = str(exc.orig)
             if "no such table" in text or ("does not exist" in text and "relation" in text):
+                if db.is_initialised(self.engine):  # made by an older ecloud
+                    raise NotInitialised(
+                        f"the database {self.engine.url!r} has an older schema ({text}): "
+                        "run `boss db upgrade`") from exc
                 raise NotInitialised(
                     f"the database {self.engine.url!r} has no ecloud tables: run `boss init`"
                 ) from exc
