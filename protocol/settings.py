@@ -12,8 +12,8 @@ spawned elsewhere sees the same absolute places.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from boss.service import Boss
-from boss.store import reads
-from boss.store import Store
+from boss.store import Store, reads
 from protocol.settings import Settings, absolutize
 from tests import pg
 
