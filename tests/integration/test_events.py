@@ -15,7 +15,6 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 from boss.providers import provider_for
@@ -24,8 +23,7 @@ from boss.service import Boss
 from tests.bossd import serving
 from tests.conftest import make_settings
 from tests.integration.test_transitions import push, states, task
-
-BOUND = 120.0  # seconds; a bound on waiting, never an assertion about speed
+from tests.waiting import quick_pool, wait_for
 
 KINDS = {
     "jobs.pushed", "job.ready", "job.started", "job.finished", "job.lost", "job.retried",
@@ -35,25 +33,10 @@ KINDS = {
 }
 
 
-def wait_for(predicate: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + BOUND
-    while time.monotonic() < deadline:  # bounded in time
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def test_every_event_kind_and_counts_match(tmp_path: Path) -> None:
     s = make_settings(tmp_path, f"sqlite:///{tmp_path}/boss.db")
-    s.boss.lease_seconds = 3
-    s.boss.reap_seconds = 0.5
-    s.worker.heartbeat_seconds = 0.3
-    s.worker.poll_seconds = 0.1
-    s.worker.slots = 2
-    s.autoscale.max_workers = 2
-    s.autoscale.idle_seconds = 0
-    s.autoscale.tick_seconds = 0.3
+    quick_pool(s, slots=2, max_workers=2)
     (tmp_path / "data").mkdir()
     boss = Boss(s)
     boss.init()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from boss.providers import provider_for
@@ -14,29 +12,12 @@ from boss.service import Boss
 from tests.bossd import serving
 from tests.conftest import make_settings
 from tests.integration.test_transitions import push, states, task
-
-BOUND = 120.0  # seconds; a bound on waiting, never an assertion about speed
-
-
-def wait_for(predicate: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + BOUND
-    while time.monotonic() < deadline:  # bounded in time
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.waiting import quick_pool, wait_for
 
 
 def test_scale_up_lose_replace_and_drain(tmp_path: Path) -> None:
     s = make_settings(tmp_path, f"sqlite:///{tmp_path}/boss.db")
-    s.boss.lease_seconds = 3
-    s.boss.reap_seconds = 0.5
-    s.worker.heartbeat_seconds = 0.5
-    s.worker.poll_seconds = 0.1
-    s.worker.slots = 1
-    s.autoscale.max_workers = 2
-    s.autoscale.idle_seconds = 0
-    s.autoscale.tick_seconds = 0.3
+    quick_pool(s, slots=1, max_workers=2)
     (tmp_path / "data").mkdir()
     boss = Boss(s)
     boss.init()

@@ -11,8 +11,7 @@ import os
 import signal
 import socket
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,19 +28,11 @@ from tests.conftest import make_settings
 from tests.integration.test_transitions import push, states, task
 from tests.netns import HostPool, pool3  # noqa: F401  (the fixture)
 from tests.sshd import Sshd, ssh_keygen, start_sshd
+from tests.waiting import quick_pool, wait_for
 
 pytestmark = pytest.mark.sshd
 
-BOUND = 120.0  # seconds; a bound on waiting, never an assertion about speed
 
-
-def wait_for(predicate: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + BOUND
-    while time.monotonic() < deadline:  # bounded in time
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def free_port() -> int:
@@ -145,14 +136,7 @@ def test_unknown_host_key_is_refused(site: Site, tmp_path: Path) -> None:
 def test_pool_loses_a_worker_and_is_restored(site: Site, tmp_path: Path) -> None:
     """Kill one host's worker: its task runs elsewhere; the pool comes back to its size."""
     s = site.settings
-    s.boss.lease_seconds = 3
-    s.boss.reap_seconds = 0.5
-    s.worker.heartbeat_seconds = 0.5
-    s.worker.poll_seconds = 0.1
-    s.worker.slots = 1
-    s.autoscale.max_workers = 3
-    s.autoscale.idle_seconds = 0
-    s.autoscale.tick_seconds = 0.3
+    quick_pool(s, slots=1, max_workers=3)
     (tmp_path / "data").mkdir()
     boss = Boss(s)
     boss.init()

@@ -1,0 +1,32 @@
+"""Bounded waiting and fast autoscaling for tests that run real workers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from protocol.settings import Settings
+
+BOUND = 120.0  # seconds; a bound on waiting, never an assertion about speed
+
+
+def wait_for(predicate: Callable[[], object], what: str, bound: float = BOUND) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``bound`` seconds."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:  # bounded in time
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def quick_pool(s: Settings, slots: int, max_workers: int) -> None:
+    """Short leases, heartbeats and ticks: a lost worker is noticed within seconds."""
+    s.boss.lease_seconds = 3
+    s.boss.reap_seconds = 0.5
+    s.worker.heartbeat_seconds = 0.3
+    s.worker.poll_seconds = 0.1
+    s.worker.slots = slots
+    s.autoscale.max_workers = max_workers
+    s.autoscale.idle_seconds = 0
+    s.autoscale.tick_seconds = 0.3
