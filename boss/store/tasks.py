@@ -214,9 +214,9 @@ def cancel(conn: Connection, name: str, now: float) -> TaskState:
                  .values(state=A.CANCELLED, finished_at=now, reason="cancelled by the user"))
     conn.execute(update(Task).where(Task.id == task_id)
                  .values(state=T.CANCELLED, updated_at=now, reason="cancelled by the user"))
-    n = cascade(conn, [task_id], now)
-    events.record(conn, "job.cancelled", task_id=task_id, ts=now,
-                  data={"was": str(state), "upstream_failed": n})
+    # the cause before its effects (each upstream-failed descendant has its own event)
+    events.record(conn, "job.cancelled", task_id=task_id, ts=now, data={"was": str(state)})
+    cascade(conn, [task_id], now)
     return state
 
 

@@ -232,3 +232,28 @@ def test_instantiate_worker_dry_run_creates_nothing(cli: Cli, tmp_path: Path) ->
     items = {i["key"]: i["value"] for i in request["body"]["metadata"]["items"]}
     assert items["ecloud-token"].startswith("<token")
     assert snapshot(db_path(tmp_path)) == before
+
+
+def test_events_follow_prints_new_events(cli: Cli, tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    cli.ok("init")
+    out = tmp_path / "follow.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(cli.command(["events", "--follow", "--json"]), cwd=cli.cwd,
+                                env=cli.env, stdout=sink, stderr=subprocess.DEVNULL)
+    try:
+        (tmp_path / "one.json").write_text(json.dumps([task("a"), task("b", after=["a"])]))
+        cli.ok("push-tasks", "one.json")
+        cli.ok("cancel", "a")
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(lines) < 3 and time.monotonic() < deadline:  # bounded in time
+            time.sleep(0.2)
+            lines = out.read_text().splitlines()
+        kinds = [json.loads(line)["kind"] for line in lines]
+        assert kinds == ["jobs.pushed", "job.cancelled", "job.upstream-failed"], lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
