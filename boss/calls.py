@@ -61,6 +61,29 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Events:
+    """Progress events of one worker's attempts, applied together: the answer is the
+    sorted ids of the attempts that are not current (their events are dropped)."""
+
+    worker_id: int
+    items: tuple[Event, ...]
+
+
+@dataclass(frozen=True)
+class CompleteAndPop:
+    """A worker's slot reports its attempt (with the events still queued) and asks for
+    up to ``n`` more tasks, in one call: the answer is ``(Ended | None, PopAnswer | None)``.
+
+    No task is claimed when the result is not current: the worker would drop it.
+    """
+
+    worker_id: int
+    result: Result
+    events: tuple[Event, ...] = ()
+    n: int = 0
+
+
+@dataclass(frozen=True)
 class Goodbye:
     """The worker leaves: its running attempts are lost (requeued)."""
 
@@ -73,4 +96,5 @@ class ExpireLeases:
     """The reaper: attempts past their lease are lost; the answer is the Ended list."""
 
 
-Call = Hello | Pop | Heartbeat | Complete | Event | Goodbye | ExpireLeases
+Call = (Hello | Pop | Heartbeat | Complete | Event | Events | CompleteAndPop | Goodbye
+        | ExpireLeases)

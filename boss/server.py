@@ -310,6 +310,10 @@ class Server:
         if not 0 <= n <= 1024:
             raise ProtocolError(Code.MALFORMED, "n must be between 0 and 1024")
         answer: PopAnswer = await self.commits.submit(calls.Pop(self._me(conn), n))
+        return self._pop_reply(answer)
+
+    @staticmethod
+    def _pop_reply(answer: PopAnswer) -> dict[str, Any]:
         if answer.tasks:
             return {"tasks": [a.to_wire() for a in answer.tasks]}
         if answer.drain:
@@ -323,14 +327,16 @@ class Server:
 
     async def _event(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
         """Progress events, batched by the worker: ``events`` [{attempt_id, kind, data, ts}]."""
-        raw = messages.arg(args, "events", list)
+        items = self._parse_events(conn, messages.arg(args, "events", list))
+        not_current = await self.commits.submit(calls.Events(self._me(conn), items))
+        return {"not_current": not_current}
+
+    def _parse_events(self, conn: _Connection, raw: list[Any]) -> tuple[calls.Event, ...]:
+        """Events of a call, every one checked before any is applied."""
         if len(raw) > MAX_EVENTS:
             raise ProtocolError(Code.MALFORMED, f"more than {MAX_EVENTS} events in one call")
         now = time.time()
-        batch = [self._one_event(conn, e, now) for e in raw]  # all checked before any applied
-        current = await asyncio.gather(*(self.commits.submit(e) for e in batch))
-        return {"not_current": sorted({e.attempt_id for e, ok in zip(batch, current,
-                                                                     strict=True) if not ok})}
+        return tuple(self._one_event(conn, e, now) for e in raw)
 
     def _one_event(self, conn: _Connection, e: Any, now: float) -> calls.Event:
         if not isinstance(e, dict):
@@ -350,13 +356,23 @@ class Server:
                            ts=min(max(float(ts), now - lease), now))
 
     async def _complete(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """A result; with ``events`` (still queued at the worker) and ``pop`` (how many
+        tasks the freed slot takes next), all in one call and one transaction."""
         result = messages.Result.from_wire(args)
-        ended = await self.commits.submit(calls.Complete(self._me(conn), result))
+        items = self._parse_events(conn, messages.arg(args, "events", list, []))
+        n = messages.arg(args, "pop", int, 0)
+        if not 0 <= n <= 1024:
+            raise ProtocolError(Code.MALFORMED, "pop must be between 0 and 1024")
+        ended, popped = await self.commits.submit(
+            calls.CompleteAndPop(self._me(conn), result, items, n))
         if ended is None:
             raise ProtocolError(Code.NOT_CURRENT, f"attempt {result.attempt_id} is no longer "
                                 "current (lost, cancelled or not this worker's): result "
                                 "discarded")
-        return {"accepted": True, "task_state": str(ended.task_state)}
+        out: dict[str, Any] = {"accepted": True, "task_state": str(ended.task_state)}
+        if popped is not None:
+            out.update(self._pop_reply(popped))
+        return out
 
     async def _goodbye(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
         reason = messages.arg(args, "reason", str, "")

@@ -383,36 +383,54 @@ class Boss:
                     out.append(DatabaseError(f"{type(call).__name__}: {exc}"))
         return out
 
+    def _pop(self, conn: Connection, worker_id: int, n: int, now: float) -> PopAnswer:
+        state = workers.state_of(conn, worker_id)
+        if state in ("draining", "terminated"):
+            return PopAnswer([], drain=True)
+        got = tasks.claim(conn, worker_id, n, self.settings.boss.lease_seconds, now)
+        workers.seen(conn, worker_id, now, "busy" if got else "idle")
+        if got:
+            return PopAnswer(got)
+        if tasks.busy(conn):
+            return PopAnswer([], retry_after=self.settings.worker.poll_seconds)
+        return PopAnswer([], drain=True)
+
+    def _events(self, conn: Connection, worker_id: int, items: Sequence[calls.Event],
+                now: float) -> list[int]:
+        """Store the events of the worker's running attempts (one query, one insert);
+        return the ids of the attempts that are not current."""
+        current = tasks.running_tasks_of(conn, worker_id, {e.attempt_id for e in items})
+        rows = [{"kind": "job." + e.kind, "task_id": current[e.attempt_id],
+                 "attempt_id": e.attempt_id, "worker_id": worker_id, "data": e.data,
+                 "ts": e.ts or now}
+                for e in items
+                # a kind that is not a stage step is nothing a worker may write
+                if e.attempt_id in current and e.kind in event_rows.WORKER_KINDS]
+        event_rows.record_many(conn, rows)
+        return sorted({e.attempt_id for e in items} - set(current))
+
     def _apply(self, conn: Connection, call: calls.Call, now: float) -> Any:
         lease = self.settings.boss.lease_seconds
         match call:
             case calls.Pop(worker_id, n):
-                state = workers.state_of(conn, worker_id)
-                if state in ("draining", "terminated"):
-                    return PopAnswer([], drain=True)
-                got = tasks.claim(conn, worker_id, n, lease, now)
-                workers.update_worker(conn, worker_id, last_seen=now,
-                                      state="busy" if got else "idle")
-                if got:
-                    return PopAnswer(got)
-                if tasks.busy(conn):
-                    return PopAnswer([], retry_after=self.settings.worker.poll_seconds)
-                return PopAnswer([], drain=True)
+                return self._pop(conn, worker_id, n, now)
+            case calls.CompleteAndPop(worker_id, result, items, n):
+                if items:
+                    self._events(conn, worker_id, items, now)
+                ended = tasks.complete(conn, worker_id, result, now)
+                if ended is None or n <= 0:
+                    return ended, None
+                return ended, self._pop(conn, worker_id, n, now)
+            case calls.Events(worker_id, items):
+                return self._events(conn, worker_id, items, now)
             case calls.Heartbeat(worker_id, attempt_ids):
-                workers.update_worker(conn, worker_id, last_seen=now)
+                workers.seen(conn, worker_id, now)
                 return tasks.heartbeat(conn, worker_id, attempt_ids, lease, now)
             case calls.Complete(worker_id, result):
                 # last_seen is kept by pop and heartbeat; one write less per task here
                 return tasks.complete(conn, worker_id, result, now)
-            case calls.Event(worker_id, attempt_id, kind, data, ts):
-                task_id = tasks.running_task_of(conn, worker_id, attempt_id)
-                if task_id is None:
-                    return False
-                if kind not in event_rows.WORKER_KINDS:
-                    return False  # not a stage step: nothing a worker may write
-                event_rows.record(conn, "job." + kind, task_id=task_id, attempt_id=attempt_id,
-                                  worker_id=worker_id, data=data, ts=ts or now)
-                return True
+            case calls.Event(worker_id, attempt_id):
+                return attempt_id not in self._events(conn, worker_id, (call,), now)
             case calls.Hello(token, address, slots):
                 row = workers.by_token(conn, hash_token(token))
                 if row is None:

@@ -87,11 +87,7 @@ class BossClient:
         return self.welcome
 
     def pop(self, n: int) -> PopReply:
-        r = self.call("pop", {"n": n})
-        if r.get("drain"):
-            return PopReply([], drain=True)
-        tasks = [Assignment.from_wire(t) for t in r.get("tasks", [])]
-        return PopReply(tasks, retry_after=float(r.get("retry_after", 0.0)))
+        return _pop_reply(self.call("pop", {"n": n}))
 
     def heartbeat(self, attempt_ids: list[int]) -> list[int]:
         return [int(a) for a in self.call("heartbeat", {"attempts": attempt_ids})["cancel"]]
@@ -101,16 +97,25 @@ class BossClient:
         if events:
             self.call("event", {"events": events}, reconnect=False)
 
-    def complete(self, result: Result) -> bool:
-        """Report a result; False when the boss no longer takes it (not current)."""
+    def complete(self, result: Result, events: list[dict[str, Any]] | None = None,
+                 pop: int = 0) -> tuple[bool, PopReply | None]:
+        """Report a result, with the events still queued, and take up to ``pop`` more
+        tasks for the freed slot, in one call. Returns whether the boss took the result
+        (False: not current any more) and, when ``pop``, what it handed out.
+        """
+        args = result.to_wire()
+        if events:
+            args["events"] = events
+        if pop:
+            args["pop"] = pop
         try:
-            self.call("complete", result.to_wire())
+            r = self.call("complete", args)
         except ProtocolError as exc:
             if exc.code == Code.NOT_CURRENT:
                 log.warning("attempt %s: %s", result.attempt_id, exc.message)
-                return False
+                return False, None
             raise
-        return True
+        return True, (_pop_reply(r) if pop else None)
 
     def goodbye(self, reason: str) -> None:
         """Leave; best effort (the boss's leases cover a worker that vanishes)."""
@@ -221,3 +226,10 @@ class BossClient:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+
+
+def _pop_reply(r: dict[str, Any]) -> PopReply:
+    if r.get("drain"):
+        return PopReply([], drain=True)
+    tasks = [Assignment.from_wire(t) for t in r.get("tasks", [])]
+    return PopReply(tasks, retry_after=float(r.get("retry_after", 0.0)))

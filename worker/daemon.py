@@ -158,22 +158,43 @@ class Worker:
         thread.start()
 
     def _slot(self, entry: _Running) -> None:
-        a = entry.assignment
-        try:
-            result = run_attempt(a, self.env, self._emitter(a.attempt_id), entry.cancel)
-            self._report(a, result)
-        finally:
-            with self._changed:
-                self._running.pop(a.attempt_id, None)
-                self._finished += 1
-                self._changed.notify_all()
+        """Run attempts in this thread: the one given, then each the boss hands out with
+        the result of the previous one (one call per task while work lasts)."""
+        current: _Running | None = entry
+        while current is not None:
+            a = current.assignment
+            following: Assignment | None = None
+            try:
+                result = run_attempt(a, self.env, self._emitter(a.attempt_id), current.cancel)
+                following = self._report(a, result)
+            finally:
+                with self._changed:
+                    self._running.pop(a.attempt_id, None)
+                    self._finished += 1
+                    current = None
+                    if following is not None:
+                        # registered before the old one is seen gone: no slot is popped twice
+                        current = _Running(following, thread=threading.current_thread())
+                        self._running[following.attempt_id] = current
+                    self._changed.notify_all()
+            if current is not None:
+                log.info("task %s: attempt %d (try %d) started", current.assignment.name,
+                         current.assignment.attempt_id, current.assignment.number)
 
-    def _report(self, a: Assignment, result: Result) -> None:
+    def _report(self, a: Assignment, result: Result) -> Assignment | None:
+        """Send the result (and the queued events); return the slot's next task, if any."""
         log.info("task %s: attempt %d %s%s", a.name, a.attempt_id, result.outcome,
                  f" ({result.reason})" if result.reason else "")
-        self._flush_events()
+        with self._lock:
+            events, self._events = self._events, []
+        want = 0 if self._stopping.is_set() else 1
+        following = None
         try:
-            accepted = self.client.complete(result)
+            accepted, popped = self.client.complete(result, events, pop=want)
+            if popped is not None and popped.tasks:
+                following = popped.tasks[0]
+                for extra in popped.tasks[1:]:  # asked for one; never drop a claimed task
+                    self._start(extra)
         except (BossGone, TransportError, ProtocolError) as exc:
             log.error("task %s: attempt %d could not be reported: %s", a.name,
                       a.attempt_id, exc)
@@ -186,6 +207,7 @@ class Worker:
                 self.summary.succeeded += 1
             else:
                 self.summary.failed += 1
+        return following
 
     def _emitter(self, attempt_id: int) -> Any:
         def emit(kind: str, data: dict[str, Any]) -> None:

@@ -31,6 +31,9 @@ def routing_key(kind: str, task_id: int | None) -> str:
     return kind
 
 
+_INSERT = insert(Event)
+
+
 def record(
     conn: Connection,
     kind: str,
@@ -54,7 +57,7 @@ def record_many(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         return
     now = time.time()
     conn.execute(
-        insert(Event),
+        _INSERT,
         [{"ts": r.get("ts", now), "kind": r["kind"], "task_id": r.get("task_id"),
           "attempt_id": r.get("attempt_id"), "worker_id": r.get("worker_id"),
           "data": json.dumps(r["data"]) if r.get("data") else None} for r in rows],

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Select, exists, insert, select, update
+from sqlalchemy import Connection, Select, bindparam, exists, insert, select, update
 from sqlalchemy.orm import aliased
 
 from boss.errors import InvalidState, NotFound
@@ -34,29 +34,33 @@ class Ended:
     task_state: TaskState
 
 
+# The hot path's statements are built once, with bind parameters: building one
+# (and computing its cache key) cost more than running it, per task.
+_CLAIM = (
+    update(Task)
+    .where(Task.id.in_(
+        select(Task.id).where(Task.state == T.READY)
+        .order_by(Task.priority.desc(), Task.id)
+        .limit(bindparam("p_n"))
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()))
+    .values(state=T.RUNNING, updated_at=bindparam("p_now"))
+    .returning(Task.id, Task.name, Task.document, Task.tries, Task.lost, Task.priority)
+)
+_OPEN = insert(Attempt).returning(Attempt.id, Attempt.task_id, sort_by_parameter_order=True)
+
+
 def claim(conn: Connection, worker_id: int, n: int, lease: float, now: float) -> list[Assignment]:
     """Atomically move up to ``n`` ready tasks to running and open their attempts."""
     if n <= 0:
         return []
-    pick = (
-        select(Task.id)
-        .where(Task.state == T.READY)
-        .order_by(Task.priority.desc(), Task.id)
-        .limit(n)
-        .with_for_update(skip_locked=True)
-    )
-    rows = conn.execute(
-        update(Task)
-        .where(Task.id.in_(pick.scalar_subquery()))
-        .values(state=T.RUNNING, updated_at=now)
-        .returning(Task.id, Task.name, Task.document, Task.tries, Task.lost, Task.priority)
-    ).all()
+    rows = conn.execute(_CLAIM, {"p_n": n, "p_now": now}).all()
     if not rows:
         return []
     # RETURNING order is unspecified: hand them out in claim order
     rows = sorted(rows, key=lambda r: (-r.priority, r.id))
     attempts = conn.execute(
-        insert(Attempt).returning(Attempt.id, Attempt.task_id, sort_by_parameter_order=True),
+        _OPEN,
         [{"task_id": r.id, "number": r.tries + r.lost + 1, "worker_id": worker_id,
           "state": A.RUNNING, "started_at": now, "lease_expires_at": now + lease}
          for r in rows],
@@ -88,21 +92,28 @@ def heartbeat(conn: Connection, worker_id: int, attempt_ids: Sequence[int], leas
     return sorted(set(attempt_ids) - set(renewed))
 
 
+_FINISH = {
+    mine: update(Attempt)
+    .where(Attempt.id == bindparam("p_attempt"), Attempt.state == A.RUNNING,
+           *([Attempt.worker_id == bindparam("p_worker")] if mine else []))
+    .values(state=bindparam("p_state"), finished_at=bindparam("p_now"),
+            exit_status=bindparam("p_exit"), reason=bindparam("p_reason"),
+            metrics=bindparam("p_metrics"), stdout_tail=bindparam("p_stdout"),
+            stderr_tail=bindparam("p_stderr"))
+    .returning(Attempt.task_id)
+    for mine in (True, False)  # the worker's own attempt, or any (the CLI, tests)
+}
+
+
 def complete(conn: Connection, worker_id: int | None, result: Result, now: float) -> Ended | None:
     """End an attempt with the worker's result; None when it is no longer current."""
     state = {"succeeded": A.SUCCEEDED, "failed": A.FAILED, "timeout": A.TIMEOUT,
              "cancelled": A.CANCELLED}[result.outcome]
-    cond = [Attempt.id == result.attempt_id, Attempt.state == A.RUNNING]
-    if worker_id is not None:
-        cond.append(Attempt.worker_id == worker_id)
-    row = conn.execute(
-        update(Attempt)
-        .where(*cond)
-        .values(state=state, finished_at=now, exit_status=result.exit_status,
-                reason=result.reason or None, metrics=json.dumps(result.metrics),
-                stdout_tail=result.stdout_tail or None, stderr_tail=result.stderr_tail or None)
-        .returning(Attempt.task_id)
-    ).first()
+    row = conn.execute(_FINISH[worker_id is not None], {
+        "p_attempt": result.attempt_id, "p_worker": worker_id, "p_state": state,
+        "p_now": now, "p_exit": result.exit_status, "p_reason": result.reason or None,
+        "p_metrics": json.dumps(result.metrics), "p_stdout": result.stdout_tail or None,
+        "p_stderr": result.stderr_tail or None}).first()
     if row is None:
         return None
     out = _end(conn, row.task_id, state, result.reason, now)
@@ -138,17 +149,21 @@ def expire(conn: Connection, now: float, worker_id: int | None = None) -> list[E
     return ended
 
 
+_TASK_COUNTS = select(Task.tries, Task.lost, Task.max_tries).where(Task.id == bindparam("p_task"))
+_END_TASK = (update(Task).where(Task.id == bindparam("p_task"))
+             .values(state=bindparam("p_state"), tries=bindparam("p_tries"),
+                     lost=bindparam("p_lost"), updated_at=bindparam("p_now"),
+                     reason=bindparam("p_reason")))
+
+
 def _end(conn: Connection, task_id: int, attempt: AttemptState, reason: str | None,
          now: float) -> Outcome:
-    task = conn.execute(
-        select(Task.tries, Task.lost, Task.max_tries).where(Task.id == task_id)
-    ).one()
+    task = conn.execute(_TASK_COUNTS, {"p_task": task_id}).one()
     out = after_attempt(attempt, task.tries, task.lost, task.max_tries)
-    conn.execute(
-        update(Task).where(Task.id == task_id)
-        .values(state=out.task_state, tries=out.tries, lost=out.lost, updated_at=now,
-                reason=None if out.task_state is T.SUCCEEDED else (reason or None))
-    )
+    conn.execute(_END_TASK, {
+        "p_task": task_id, "p_state": out.task_state, "p_tries": out.tries, "p_lost": out.lost,
+        "p_now": now,
+        "p_reason": None if out.task_state is T.SUCCEEDED else (reason or None)})
     return out
 
 
@@ -160,17 +175,21 @@ def _propagate(conn: Connection, task_id: int, out: Outcome, now: float) -> None
         cascade(conn, [task_id], now)
 
 
+_KIDS = select(TaskEdge.child_id).where(TaskEdge.parent_id == bindparam("p_parent"))
+_ONE_PARENT_LESS = (update(Task).where(Task.id.in_(_KIDS.scalar_subquery()))
+                    .values(pending_parents=Task.pending_parents - 1))
+_FREED = (update(Task)
+          .where(Task.id.in_(_KIDS.scalar_subquery()), Task.state == T.WAITING,
+                 Task.pending_parents <= 0)
+          .values(state=T.READY, updated_at=bindparam("p_now"))
+          .returning(Task.id))
+
+
 def release(conn: Connection, parent_ids: Iterable[int], now: float) -> None:
     """Parents succeeded: decrement their children's counters, make the free ones ready."""
     for pid in parent_ids:
-        kids = select(TaskEdge.child_id).where(TaskEdge.parent_id == pid).scalar_subquery()
-        conn.execute(update(Task).where(Task.id.in_(kids))
-                     .values(pending_parents=Task.pending_parents - 1))
-        ready = conn.execute(update(Task)
-                             .where(Task.id.in_(kids), Task.state == T.WAITING,
-                                    Task.pending_parents <= 0)
-                             .values(state=T.READY, updated_at=now)
-                             .returning(Task.id)).scalars().all()
+        conn.execute(_ONE_PARENT_LESS, {"p_parent": pid})
+        ready = conn.execute(_FREED, {"p_parent": pid, "p_now": now}).scalars().all()
         events.record_many(conn, [{"kind": "job.ready", "task_id": i, "ts": now,
                                    "data": {"released_by": pid}} for i in ready])
 
@@ -278,14 +297,19 @@ def retry(conn: Connection, names: Sequence[str] | None, now: float) -> int:
 
 def busy(conn: Connection) -> bool:
     """Is any task still waiting, ready or running (so a worker should not drain)?"""
-    return conn.execute(
-        select(Task.id).where(Task.state.in_([T.WAITING, T.READY, T.RUNNING])).limit(1)
-    ).first() is not None
+    return conn.execute(_ANY_LEFT).first() is not None
 
 
-def running_task_of(conn: Connection, worker_id: int, attempt_id: int) -> int | None:
-    """The task of the worker's running attempt, or None if it is not current."""
-    return conn.execute(
-        select(Attempt.task_id).where(Attempt.id == attempt_id, Attempt.worker_id == worker_id,
-                                      Attempt.state == A.RUNNING)
-    ).scalar()
+_ANY_LEFT = select(Task.id).where(Task.state.in_([T.WAITING, T.READY, T.RUNNING])).limit(1)
+
+
+def running_tasks_of(conn: Connection, worker_id: int, attempt_ids: set[int]
+                     ) -> dict[int, int]:
+    """attempt id -> task id, for those of ``attempt_ids`` the worker runs now."""
+    if not attempt_ids:
+        return {}
+    rows = conn.execute(
+        select(Attempt.id, Attempt.task_id).where(
+            Attempt.id.in_(sorted(attempt_ids)), Attempt.worker_id == worker_id,
+            Attempt.state == A.RUNNING)).all()
+    return {int(a): int(t) for a, t in rows}

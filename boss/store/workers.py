@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from boss.errors import NotFound
 from boss.lifecycle import AttemptState
@@ -99,7 +99,23 @@ def drop_context(conn: Connection, keys: Sequence[str] | None = None) -> int:
 
 
 def state_of(conn: Connection, worker_id: int) -> str | None:
-    return conn.execute(select(Worker.state).where(Worker.id == worker_id)).scalar()
+    return conn.execute(_STATE_OF, {"p_worker": worker_id}).scalar()
+
+
+def seen(conn: Connection, worker_id: int, now: float, state: str | None = None) -> None:
+    """The worker called (pop, heartbeat): its last contact, and its state if given."""
+    if state is None:
+        conn.execute(_SEEN, {"p_worker": worker_id, "p_now": now})
+    else:
+        conn.execute(_SEEN_AS, {"p_worker": worker_id, "p_now": now, "p_state": state})
+
+
+# built once: these run on every pop and heartbeat
+_STATE_OF = select(Worker.state).where(Worker.id == bindparam("p_worker"))
+_SEEN = update(Worker).where(Worker.id == bindparam("p_worker")).values(
+    last_seen=bindparam("p_now"))
+_SEEN_AS = update(Worker).where(Worker.id == bindparam("p_worker")).values(
+    last_seen=bindparam("p_now"), state=bindparam("p_state"))
 
 
 LIVE = ("provisioning", "idle", "busy", "draining")
