@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 512
 MAX_EVENT_BYTES = 16 * 1024
 MAX_EVENTS = 10_000
+PIPELINE = 64  # requests of one connection answered at once
 
 
 class GroupCommit:
@@ -218,10 +219,38 @@ class Server:
 
     async def _serve_connection(self, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
+        """Read requests; once the worker said hello, answer them concurrently.
+
+        A worker's slots share one connection and send their calls without
+        waiting for each other (each request carries its id): answering them
+        side by side lets the calls of several slots land in one transaction.
+        At most PIPELINE requests of a connection are in flight at once.
+        """
         peer = writer.get_extra_info("peername")
         conn = _Connection(peer=f"{peer[0]}:{peer[1]}" if peer else "?")
+        in_flight: set[asyncio.Task[None]] = set()
+        room = asyncio.Semaphore(PIPELINE)
+        closing = asyncio.Event()
+
+        async def reply(line: bytes) -> None:
+            try:
+                try:
+                    out = await self.answer(conn, line)
+                except Closing as done:
+                    out = done.reply
+                    closing.set()
+                if not writer.is_closing():
+                    writer.write(out)
+                    await writer.drain()
+                if closing.is_set():
+                    writer.close()
+            except (ConnectionError, OSError):
+                closing.set()
+            finally:
+                room.release()
+
         try:
-            while True:
+            while not closing.is_set():
                 try:
                     line = await reader.readuntil(b"\n")
                 except asyncio.IncompleteReadError:
@@ -230,16 +259,18 @@ class Server:
                     writer.write(messages.error(None, Code.MALFORMED,
                                                 f"a line longer than {messages.MAX_LINE} bytes"))
                     break  # the stream cannot be resynchronised
-                try:
-                    reply = await self.answer(conn, line)
-                except Closing as closing:
-                    writer.write(closing.reply)
-                    break
-                writer.write(reply)
-                await writer.drain()
+                await room.acquire()
+                if conn.worker is None:
+                    await reply(line)  # hello first, alone: it binds the connection
+                    continue
+                task = asyncio.create_task(reply(line))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
         except (ConnectionError, OSError):
             pass  # the worker went away; its leases will tell
         finally:
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
             if conn.worker is not None:
                 log.info("worker %s (%s) disconnected", conn.worker.name, conn.peer)
             with contextlib.suppress(ConnectionError, OSError):

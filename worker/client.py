@@ -1,8 +1,10 @@
 """The worker's RPC client: calls over one channel, reconnecting with backoff.
 
-One :class:`BossClient` per worker process, shared by its slot threads: a lock
-makes the calls take turns on the one channel (a call is ~0.1 ms through an
-SSH tunnel, so they do not queue for long). When the channel breaks, the
+One :class:`BossClient` per worker process, shared by its slot threads. Calls
+do not wait for each other: each request carries an id, several can be in
+flight on the one channel (:class:`_Link`), and whichever caller is waiting
+reads the next reply and hands it to its owner, so the boss can answer the
+slots' calls side by side and commit them together. When the channel breaks, the
 client reconnects with jittered exponential backoff and says ``hello`` again
 before repeating the call; running attempts carry on meanwhile and report
 when the boss is back. A call made with ``reconnect=False`` (progress events)
@@ -73,16 +75,14 @@ class BossClient:
         self.backoff_cap = backoff_cap
         self.stop = stop or threading.Event()
         self.welcome: Welcome | None = None
-        self._channel: Channel | None = None
-        self._lock = threading.Lock()
-        self._ids = iter(range(1, 1 << 62))
+        self._link: _Link | None = None
+        self._lock = threading.Lock()  # (re)connecting, hello and goodbye
         self.reconnects = 0
 
     # --- the calls ----------------------------------------------------------------------
 
     def hello(self) -> Welcome:
-        with self._lock:
-            self._ensure(reconnect=True)
+        self._ensure(reconnect=True)
         assert self.welcome is not None
         return self.welcome
 
@@ -120,17 +120,19 @@ class BossClient:
     def goodbye(self, reason: str) -> None:
         """Leave; best effort (the boss's leases cover a worker that vanishes)."""
         with self._lock:
-            if self._channel is None:
+            link = self._link
+            if link is None:
                 return
             try:
-                self._roundtrip(self._channel, "goodbye", {"reason": reason})
+                link.roundtrip("goodbye", {"reason": reason})
             except (TransportError, ProtocolError) as exc:
                 log.info("goodbye not delivered: %s", exc)
-            self._drop()
+            self._drop(link)
 
     def close(self) -> None:
         with self._lock:
-            self._drop()
+            if self._link is not None:
+                self._drop(self._link)
 
     def call(self, name: str, args: dict[str, Any], *, reconnect: bool = True
              ) -> dict[str, Any]:
@@ -139,22 +141,21 @@ class BossClient:
         Raise ProtocolError for an error reply, BossGone when the boss stays away
         past ``give_up_after``, TransportRefused when retrying cannot help.
         """
-        with self._lock:
-            for _ in self._attempts(reconnect):
-                channel = self._ensure(reconnect)
-                try:
-                    return self._roundtrip(channel, name, args)
-                except TransportError as exc:
-                    self._drop()
-                    if not reconnect:
-                        raise
-                    log.warning("lost the boss during %s: %s", name, exc)
-                except ProtocolError as exc:
-                    if exc.code == Code.UNAUTHORIZED:
-                        # the boss restarted or forgot us mid-connection: hello again
-                        self._drop()
-                        continue
+        for _ in self._attempts(reconnect):
+            link = self._ensure(reconnect)
+            try:
+                return link.roundtrip(name, args)
+            except TransportError as exc:
+                self._drop(link)
+                if not reconnect:
                     raise
+                log.warning("lost the boss during %s: %s", name, exc)
+            except ProtocolError as exc:
+                if exc.code == Code.UNAUTHORIZED:
+                    # the boss restarted or forgot us mid-connection: hello again
+                    self._drop(link)
+                    continue
+                raise
         raise BossGone("stopped while waiting for the boss")
 
     # --- the link -----------------------------------------------------------------------
@@ -174,58 +175,129 @@ class BossClient:
             self.stop.wait(delay)
             yield n
 
-    def _ensure(self, reconnect: bool) -> Channel:
-        if self._channel is not None:
-            return self._channel
-        last: Exception | None = None
-        for _ in self._attempts(reconnect):
-            try:
-                channel = self.transport.connect()
-            except TransportRefused:
-                raise
-            except TransportError as exc:
-                last = exc
-                log.warning("cannot reach the boss: %s", exc)
-                continue
-            try:
-                self.welcome = self._hello(channel)
-            except TransportError as exc:
-                channel.close()
-                last = exc
-                continue
-            except ProtocolError:
-                channel.close()
-                raise
-            if last is not None:
-                log.info("reconnected to the boss")
-            self._channel = channel
-            self.reconnects += 1
-            return channel
-        raise BossGone(f"the boss is unreachable: {last}") if last else BossGone(
-            "stopped while connecting to the boss")
+    def _ensure(self, reconnect: bool) -> _Link:
+        with self._lock:
+            if self._link is not None:
+                return self._link
+            last: Exception | None = None
+            for _ in self._attempts(reconnect):
+                try:
+                    channel = self.transport.connect()
+                except TransportRefused:
+                    raise
+                except TransportError as exc:
+                    last = exc
+                    log.warning("cannot reach the boss: %s", exc)
+                    continue
+                link = _Link(channel)
+                try:
+                    self.welcome = self._hello(link)
+                except TransportError as exc:
+                    link.close()
+                    last = exc
+                    continue
+                except ProtocolError:
+                    link.close()
+                    raise
+                if last is not None:
+                    log.info("reconnected to the boss")
+                self._link = link
+                self.reconnects += 1
+                return link
+            raise BossGone(f"the boss is unreachable: {last}") if last else BossGone(
+                "stopped while connecting to the boss")
 
-    def _hello(self, channel: Channel) -> Welcome:
-        r = self._roundtrip(channel, "hello", {
+    def _hello(self, link: _Link) -> Welcome:
+        r = link.roundtrip("hello", {
             "token": self._token, "slots": self.slots, "host": socket.gethostname(),
             "pid": os.getpid(), "version": messages.VERSION})
         return Welcome(int(r["worker_id"]), str(r["name"]), float(r["lease_seconds"]),
                        float(r["heartbeat_seconds"]), dict(r.get("buckets", {})),
                        str(r.get("default_bucket", "")))
 
-    def _roundtrip(self, channel: Channel, name: str, args: dict[str, Any]) -> dict[str, Any]:
-        rid = next(self._ids)
-        channel.send(messages.request(rid, name, args))
-        reply_id, result = messages.parse_reply(channel.recv_line())
-        if reply_id != rid:
-            # out of step: the stream cannot be trusted any more
-            channel.close()
+    def _drop(self, link: _Link) -> None:
+        """Close a broken link; a newer one another thread made meanwhile stays."""
+        link.close()
+        if self._link is link:
+            self._link = None
+
+
+class _Link:
+    """One channel with several requests in flight, replies matched by request id.
+
+    There is no reader thread: a caller waiting for its reply reads the next
+    line if nobody else is reading, and hands it to whichever caller it
+    belongs to. Reading therefore happens only while a call waits, so the
+    channel's own timeout still means "the boss did not answer in time".
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._send = threading.Lock()
+        self._cond = threading.Condition()
+        self._replies: dict[int, bytes | None] = {}  # id -> reply line, None while waited for
+        self._reading = False
+        self._broken: TransportError | None = None
+        self._ids = 0
+
+    def roundtrip(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        with self._cond:
+            if self._broken is not None:
+                raise TransportError(str(self._broken))
+            self._ids += 1
+            rid = self._ids
+            self._replies[rid] = None
+        try:
+            with self._send:
+                self.channel.send(messages.request(rid, name, args))
+            line = self._wait(rid)
+        finally:
+            with self._cond:
+                self._replies.pop(rid, None)
+        reply_id, result = messages.parse_reply(line)
+        if reply_id != rid:  # pragma: no cover - _wait routes by id
             raise TransportError(f"reply {reply_id} to request {rid}: out of step")
         return result
 
-    def _drop(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+    def _wait(self, rid: int) -> bytes:
+        while True:
+            with self._cond:
+                while True:
+                    if self._broken is not None:
+                        raise TransportError(str(self._broken))
+                    line = self._replies.get(rid)
+                    if line is not None:
+                        return line
+                    if not self._reading:
+                        self._reading = True
+                        break
+                    self._cond.wait()
+            try:
+                got = self.channel.recv_line()
+            except TransportError as exc:
+                self._fail(exc)
+                raise
+            owner = messages.request_id(got)
+            with self._cond:
+                self._reading = False
+                if owner is None or owner not in self._replies:
+                    # a reply nobody asked for: the stream cannot be trusted any more
+                    self._broken = TransportError(
+                        f"a reply to request {owner} that no call is waiting for: out of step")
+                    self.channel.close()
+                else:
+                    self._replies[owner] = got
+                self._cond.notify_all()
+
+    def _fail(self, exc: TransportError) -> None:
+        with self._cond:
+            self._reading = False
+            self._broken = exc
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self._fail(TransportError("the link to the boss was closed"))
+        self.channel.close()
 
 
 def _pop_reply(r: dict[str, Any]) -> PopReply:

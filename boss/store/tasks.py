@@ -308,8 +308,10 @@ def running_tasks_of(conn: Connection, worker_id: int, attempt_ids: set[int]
     """attempt id -> task id, for those of ``attempt_ids`` the worker runs now."""
     if not attempt_ids:
         return {}
-    rows = conn.execute(
-        select(Attempt.id, Attempt.task_id).where(
-            Attempt.id.in_(sorted(attempt_ids)), Attempt.worker_id == worker_id,
-            Attempt.state == A.RUNNING)).all()
+    rows = conn.execute(_RUNNING_OF, {"p_ids": sorted(attempt_ids), "p_worker": worker_id})
     return {int(a): int(t) for a, t in rows}
+
+
+_RUNNING_OF = select(Attempt.id, Attempt.task_id).where(
+    Attempt.id.in_(bindparam("p_ids", expanding=True)),
+    Attempt.worker_id == bindparam("p_worker"), Attempt.state == A.RUNNING)
