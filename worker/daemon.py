@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -72,6 +74,10 @@ class Worker:
         self._events: list[dict[str, Any]] = []  # progress events waiting to be sent
         self._finished = 0  # attempts ended so far; wakes the pull loop
         self._beats_done = threading.Event()  # set once no attempt is left to renew
+        # sends the slots' reports while the slots run their next tasks
+        self._reporter = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="report")
+        self._reserve: deque[_Running] = deque()  # claimed ahead, not started (in _running)
+        self._busy = 0  # slot threads alive
 
     def stop(self, cancel: bool = False) -> None:
         """Take no new task; with ``cancel``, also cancel the running attempts."""
@@ -101,6 +107,12 @@ class Worker:
         finally:
             self._stopping.set()
             self._join_all()
+            self._reporter.shutdown(wait=True)
+            with self._lock:
+                # claimed ahead and never started: the goodbye below requeues them
+                for r in self._reserve:
+                    self._running.pop(r.assignment.attempt_id, None)
+                self._reserve.clear()
             JANITOR.flush()
             self._beats_done.set()
             beat.join(timeout=30)
@@ -115,7 +127,11 @@ class Worker:
         idle_since = time.monotonic()
         while not self._stopping.is_set():
             with self._changed:
-                free = self.slots - len(self._running)
+                free = self.slots - self._busy
+                # an idle slot takes a task claimed ahead before asking the boss
+                while free > 0 and self._reserve:
+                    self._spawn(self._reserve.popleft())
+                    free -= 1
                 if free <= 0:
                     self._changed.wait(timeout=5.0)
                     continue
@@ -148,58 +164,85 @@ class Worker:
 
     def _start(self, assignment: Assignment) -> None:
         entry = _Running(assignment)
-        thread = threading.Thread(target=self._slot, args=(entry,),
-                                  name=f"attempt-{assignment.attempt_id}", daemon=True)
-        entry.thread = thread
         with self._changed:
             self._running[assignment.attempt_id] = entry
-        log.info("task %s: attempt %d (try %d) started", assignment.name,
-                 assignment.attempt_id, assignment.number)
+            self._spawn(entry)
+
+    def _spawn(self, entry: _Running) -> None:
+        """A slot thread for ``entry`` (registered already); the caller holds the lock."""
+        thread = threading.Thread(target=self._slot, args=(entry,),
+                                  name=f"slot-{entry.assignment.attempt_id}", daemon=True)
+        entry.thread = thread
+        self._busy += 1
+        self._started(entry)
         thread.start()
 
-    def _slot(self, entry: _Running) -> None:
-        """Run attempts in this thread: the one given, then each the boss hands out with
-        the result of the previous one (one call per task while work lasts)."""
-        current: _Running | None = entry
-        while current is not None:
-            a = current.assignment
-            following: Assignment | None = None
-            try:
-                result = run_attempt(a, self.env, self._emitter(a.attempt_id), current.cancel)
-                following = self._report(a, result)
-            finally:
-                with self._changed:
-                    self._running.pop(a.attempt_id, None)
-                    self._finished += 1
-                    current = None
-                    if following is not None:
-                        # registered before the old one is seen gone: no slot is popped twice
-                        current = _Running(following, thread=threading.current_thread())
-                        self._running[following.attempt_id] = current
-                    self._changed.notify_all()
-            if current is not None:
-                log.info("task %s: attempt %d (try %d) started", current.assignment.name,
-                         current.assignment.attempt_id, current.assignment.number)
+    def _started(self, entry: _Running) -> None:
+        a = entry.assignment
+        log.info("task %s: attempt %d (try %d) started", a.name, a.attempt_id, a.number)
 
-    def _report(self, a: Assignment, result: Result) -> Assignment | None:
-        """Send the result (and the queued events); return the slot's next task, if any."""
+    def _slot(self, entry: _Running) -> None:
+        """Run attempts in this thread, one after another, while there is work.
+
+        The report of an attempt also claims tasks ahead, into a reserve that
+        every slot shares. The report is sent from a reporter thread while the
+        slot already runs a task from the reserve, so a slot does not wait for
+        the boss between tasks; and since any free slot takes from the reserve,
+        a task claimed ahead never waits behind a long one. A report asks for
+        one task when the reserve holds some, for two when it is empty.
+        """
+        current: _Running | None = entry
+        try:
+            while current is not None:
+                a = current.assignment
+                result = run_attempt(a, self.env, self._emitter(a.attempt_id), current.cancel)
+                with self._lock:
+                    want = 0 if self._stopping.is_set() else (1 if self._reserve else 2)
+                report = self._reporter.submit(self._report, current, result, want)
+                current = self._take()
+                if current is None:
+                    report.result()  # its tasks go to the reserve
+                    current = self._take()
+        finally:
+            with self._changed:
+                self._busy -= 1
+                self._changed.notify_all()
+
+    def _take(self) -> _Running | None:
+        """The next task from the reserve, for the calling slot (None when stopping)."""
+        with self._changed:
+            if self._stopping.is_set() or not self._reserve:
+                return None
+            entry = self._reserve.popleft()
+            entry.thread = threading.current_thread()
+            self._started(entry)
+            return entry
+
+    def _report(self, entry: _Running, result: Result, want: int) -> None:
+        """Send the result (with the queued events) and claim ``want`` more tasks for the
+        slot; the attempt counts as running (its lease renewed) until the boss has it."""
+        a = entry.assignment
         log.info("task %s: attempt %d %s%s", a.name, a.attempt_id, result.outcome,
                  f" ({result.reason})" if result.reason else "")
         with self._lock:
             events, self._events = self._events, []
-        want = 0 if self._stopping.is_set() else 1
-        following = None
+        claimed: list[Assignment] = []
         try:
             accepted, popped = self.client.complete(result, events, pop=want)
-            if popped is not None and popped.tasks:
-                following = popped.tasks[0]
-                for extra in popped.tasks[1:]:  # asked for one; never drop a claimed task
-                    self._start(extra)
+            if popped is not None:
+                claimed = popped.tasks
         except (BossGone, TransportError, ProtocolError) as exc:
             log.error("task %s: attempt %d could not be reported: %s", a.name,
                       a.attempt_id, exc)
             accepted = False
-        with self._lock:
+        with self._changed:
+            self._running.pop(a.attempt_id, None)
+            self._finished += 1
+            # registered at once: their leases are renewed from now on
+            mine = [_Running(t) for t in claimed]
+            for r in mine:
+                self._running[r.assignment.attempt_id] = r
+                self._reserve.append(r)
             self.summary.ran += 1
             if not accepted:
                 self.summary.refused += 1
@@ -207,7 +250,7 @@ class Worker:
                 self.summary.succeeded += 1
             else:
                 self.summary.failed += 1
-        return following
+            self._changed.notify_all()
 
     def _emitter(self, attempt_id: int) -> Any:
         def emit(kind: str, data: dict[str, Any]) -> None:
@@ -251,10 +294,7 @@ class Worker:
                         entry.cancel.set()
 
     def _join_all(self) -> None:
-        while True:
-            with self._lock:
-                threads = [r.thread for r in self._running.values() if r.thread]
-            if not threads:
-                return
-            for t in threads:
-                t.join()
+        """Wait for every slot thread to finish its attempt (reports are awaited after)."""
+        with self._changed:
+            while self._busy:  # each slot's exit notifies
+                self._changed.wait(timeout=1.0)
