@@ -448,6 +448,77 @@ def terminate_worker(
     err.print(f"terminated {len(names)} worker(s)")
 
 
+@app.command("import-wfcommons")
+def import_wfcommons(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., help="A WfCommons instance (JSON, schemaVersion 1.4, "
+                                "1.5 or 1.6)."),
+    time_scale: float = typer.Option(1.0, "--time-scale", min=0.0,
+                                     help="Each task sleeps its recorded runtime times this."),
+    size_scale: float = typer.Option(1.0, "--size-scale", min=0.0, help="Each file is "
+                                     "written at its recorded size times this."),
+    prefix: str | None = typer.Option(None, "--prefix", help="Tasks are PREFIX/TASK, files "
+                                      "data:wf/PREFIX/FILE (default: the file's name "
+                                      "without .json)."),
+    slots: int | None = typer.Option(None, "--slots", min=1, help="Slots the lower bound "
+                                     "assumes (default [worker] slots)."),
+    no_inputs: bool = typer.Option(False, "--no-inputs", help="Do not create the "
+                                   "workflow's input files in the datastore."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Keep tasks whose "
+                                       "name already exists; push the rest."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Push a WfCommons workflow as tasks replaying its runtimes and files; print the
+    lower bound max(critical path, total work / slots).
+
+    The files no task writes (the workflow's inputs) are written to the datastore
+    first, at their scaled size. The push is all or nothing, as push-tasks.
+    """
+    import tempfile
+
+    from boss import wfcommons
+    from boss.errors import PushError
+
+    wf = wfcommons.load(file)
+    name = prefix or wfcommons.default_prefix(file)
+    conv = wfcommons.convert(wf, time_scale=time_scale, size_scale=size_scale, prefix=name)
+    boss = _boss(ctx)
+    boss.store.check()  # before writing inputs for a push that could not happen
+    created, nbytes = (0, 0) if no_inputs else wfcommons.create_inputs(conv.inputs,
+                                                                       *boss.buckets())
+    with tempfile.TemporaryDirectory(prefix="ecloud-wfcommons-") as tmp:
+        jsonl = Path(tmp) / f"{name}.jsonl"
+        jsonl.write_text("".join(json.dumps(d) + "\n" for d in conv.documents),
+                         encoding="utf-8")
+        try:
+            result = boss.push(jsonl, skip_existing=skip_existing)
+        except PushError as exc:  # name the instance, not the temporary file
+            raise PushError(f"{file} (as {name}/...)", exc.problems, exc.total) from None
+    n = slots or ctx.obj["settings"].worker.slots
+    figures = {"pushed": result.pushed, "skipped": result.skipped, "ready": result.ready,
+               "edges": result.edges, "prefix": name, "schema_version": wf.schema,
+               "time_scale": time_scale, "size_scale": size_scale,
+               "inputs": len(conv.inputs), "inputs_created": created,
+               "input_bytes_written": nbytes,
+               "critical_path_seconds": conv.critical_path,
+               "total_work_seconds": conv.total_work, "slots": n,
+               "work_per_slot_seconds": conv.total_work / n,
+               "lower_bound_seconds": conv.bound(n)}
+    if as_json:
+        _json(figures)
+    else:
+        table = Table("figure", "value")
+        for k, v in figures.items():
+            shown = (f"{v:.3f}" if k.endswith("_seconds") else f"{v:g}") if isinstance(
+                v, float) else str(v)
+            table.add_row(k, Text(shown))
+        out.print(table)
+    err.print(Text(f"pushed {result.pushed} tasks of {file} as {name}/... ({result.ready} "
+                   f"ready, {result.edges} dependencies); {created} of {len(conv.inputs)} "
+                   f"input files written; lower bound on {n} slots "
+                   f"{conv.bound(n):.1f} s"))
+
+
 @app.command("worker-script")
 def worker_script(ctx: typer.Context) -> None:
     """Print the startup script a fresh VM runs on boot to become a worker."""
