@@ -33,6 +33,10 @@ from benchmarks.push_1m import settings_for, start_postgres  # noqa: E402
 from boss.service import Boss  # noqa: E402
 from protocol.messages import Result  # noqa: E402
 
+# benchmarks/run.py registers this script (see the contract there)
+NAME = "claim_throughput"
+TINY_ARGS = ["--tasks", "300"]
+
 
 def write_tasks(path: Path, n: int) -> None:
     with path.open("w") as f:
@@ -83,7 +87,7 @@ def check(db_url: str, n: int) -> None:
         raise SystemExit(f"WRONG: task states {states}, {attempts} attempts for {n} tasks")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=10_000)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 10])
@@ -91,7 +95,7 @@ def main() -> None:
                     help="worker threads claiming at once (each its own worker)")
     ap.add_argument("--postgres", action="store_true",
                     help="start a temporary PostgreSQL server (tests/pg.py) and use it")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="ecloud-claim-bench-"))
     server: Any = None
@@ -129,7 +133,8 @@ def main() -> None:
         if server is not None:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,7 +21,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PYTHON=${PYTHON:-python3}
 VENV=$ROOT/.venv
-APT_PACKAGES=(openssh-server postgresql podman runc busybox-static uidmap iproute2 python3 python3-venv chromium rabbitmq-server)
+APT_PACKAGES=(openssh-server postgresql podman runc busybox-static uidmap iproute2 python3 python3-venv chromium rabbitmq-server redis-server parallel)
 
 say() { printf 'test.sh: %s\n' "$*" >&2; }
 
@@ -74,8 +74,8 @@ install_python_package() {
     if [[ ${ECLOUD_REINSTALL:-0} != 1 && -f $stamp && $(cat "$stamp") == "$want" ]]; then
         return
     fi
-    say "pip install -e .[test]"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+    say "pip install -e .[test,bench]"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,bench]"
     printf '%s\n' "$want" >"$stamp"
 }
 
