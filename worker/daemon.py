@@ -2,14 +2,18 @@
 
 ``Worker.run`` is the loop of ``worker run``:
 
-- the main thread asks the boss for as many tasks as there are free slots
-  (``pop``), starts one thread per task (:func:`worker.attempt.run_attempt`)
-  and waits for a slot to free up, the boss's ``retry_after`` to pass, or a
-  stop request;
-- a heartbeat thread renews the leases of the running attempts every
-  ``heartbeat_seconds`` and sets the cancel flag of every attempt the boss
-  no longer counts as current (cancelled by the user, or lost);
-- each slot thread reports its result (``complete``) itself.
+- the main thread fills idle slots: from the tasks claimed ahead (the
+  reserve), else by asking the boss (``pop``); each slot is a thread that
+  runs attempts (:func:`worker.attempt.run_attempt`) one after another; the
+  main thread waits for a slot to free up, the boss's ``retry_after`` to
+  pass, or a stop request;
+- a reporter thread per slot sends each result (``complete``, with the
+  queued events) and claims the next tasks into the reserve in the same
+  call, while the slot already runs a task from the reserve;
+- a heartbeat thread renews the leases of every attempt claimed and not yet
+  reported every ``heartbeat_seconds`` and sets the cancel flag of every
+  attempt the boss no longer counts as current (cancelled by the user, or
+  lost).
 
 With ``burst`` it ends when the boss answers ``drain`` (nothing waiting,
 ready or running); with ``max_idle`` when it had no task for that many
