@@ -123,3 +123,32 @@ def test_max_idle_and_slots(served: tuple[Boss, Server], tmp_path: Path) -> None
     assert out[0].succeeded == 6 and out[0].reason == "idle for 0.5 s"
     seen = [int(x) for x in (tmp_path / "seen").read_text().split()]
     assert len(seen) == 6 and max(seen) <= 2
+
+
+def test_tasks_claimed_ahead_never_wait_behind_a_long_one(served: tuple[Boss, Server],
+                                                         tmp_path: Path) -> None:
+    """Two slots, one held by a long task: every short task runs in the other slot,
+    including the ones the long task's slot claimed ahead with its reports."""
+    boss, server = served
+    gate = tmp_path / "gate"
+    hold = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+    # the long task comes after a few short ones: it is claimed ahead by a report,
+    # and the report sent as its slot starts it claims the next short task
+    push(boss, tmp_path, [
+        *[task(f"short-{i}", priority=10) for i in range(4)],
+        task("long", commands=[{"command": [hold], "shell": True}], priority=5),
+        *[task(f"short-{i}") for i in range(4, 12)]])
+    _, thread, out = start_worker(boss, server, slots=2, burst=True)
+    try:
+        wait_for(lambda: all(st == "succeeded" for name, st in states(boss).items()
+                             if name != "long"), "every short task to finish")
+        assert states(boss)["long"] == "running"
+        # a stopping or idle worker would have requeued; nothing is left claimed but long
+        running = [a for name in states(boss) for a in boss.show(name)["attempts"]
+                   if a["state"] == "running"]
+        assert len(running) <= 3, running  # long, and at most the reserve
+    finally:
+        gate.write_text("")
+        thread.join(BOUND)
+    assert not thread.is_alive()
+    assert set(states(boss).values()) == {"succeeded"} and out[0].succeeded == 13
