@@ -1,0 +1,1 @@
+"""Reproducible performance runs: ``python benchmarks/run.py --list`` (see run.py)."""
