@@ -51,10 +51,12 @@ class Task(Base):
     updated_at: Mapped[float] = mapped_column(Float)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
-    __table_args__ = (
-        # the claim query: ready tasks, highest priority first, then oldest
-        Index("ix_tasks_state_priority_id", "state", "priority", "id"),
-    )
+
+
+# The claim's order, ready tasks by priority (highest first) then id, read straight
+# off this index: with priority ascending in it, every claim sorted all the ready
+# tasks (70 ms a claim at 200,000 ready; migration 0003).
+Index("ix_tasks_claim_order", Task.state, Task.priority.desc(), Task.id)
 
 
 class TaskStateCount(Base):
