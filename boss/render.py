@@ -118,7 +118,12 @@ def workers_table(rows: list[dict[str, Any]]) -> Table:
 ACTIVE = ("waiting", "ready", "running")
 
 
-def follow(console: Console, status: Callable[[], dict[str, Any]], every: float = 0.5,
+def _left(counts: dict[str, int]) -> int:
+    """Tasks that are not finished yet (waiting, ready or running)."""
+    return sum(counts.get(k, 0) for k in ACTIVE)
+
+
+def follow(console: Console, progress: Callable[[], dict[str, Any]], every: float = 0.5,
            limit: float = 30 * 24 * 3600.0) -> dict[str, int]:
     """Show live progress until no task is waiting, ready or running; return the counts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -129,10 +134,10 @@ def follow(console: Console, status: Callable[[], dict[str, Any]], every: float 
     with Progress(*columns, console=console, transient=False) as bar:
         job = bar.add_task("tasks", total=None)
         while True:
-            s = status()
+            s = progress()
             counts: dict[str, int] = s["tasks"]
             total = sum(counts.values())
-            done = total - sum(counts.get(k, 0) for k in ACTIVE)
+            done = total - _left(counts)
             parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
             live = sum(v for k, v in s["workers"].items() if k in ("idle", "busy"))
             bar.update(job, total=total, completed=done,
@@ -172,7 +177,7 @@ def dashboard(d: dict[str, Any], rate: float | None) -> Any:
 
     counts: dict[str, int] = d["tasks"]
     total = sum(counts.values())
-    left = sum(counts.get(k, 0) for k in ACTIVE)
+    left = _left(counts)
     done = total - left
     pace = "-" if rate is None else f"{rate:.1f} tasks/s"
     eta = (_duration(left / rate) if rate and left else ("done" if not left else "-"))
@@ -213,7 +218,7 @@ def watch(console: Console, fetch: Callable[[], dict[str, Any]], every: float = 
         while time.monotonic() < deadline:
             d = fetch()
             counts = d["tasks"]
-            done = sum(counts.values()) - sum(counts.get(k, 0) for k in ACTIVE)
+            done = sum(counts.values()) - _left(counts)
             live.update(dashboard(d, rate.add(time.monotonic(), done)), refresh=True)
             time.sleep(every)
 

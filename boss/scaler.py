@@ -40,7 +40,7 @@ class Scaler:
                              boot_seconds=s.autoscale.boot_seconds)
 
     def observe(self) -> Observed:
-        counts = self.boss.status()["tasks"]
+        counts = self.boss.progress()["tasks"]
         views = tuple(
             WorkerView(id=v["id"], state=v["state"], slots=v["slots"], running=v["running"],
                        created_at=v["created_at"], last_seen=v["last_seen"],

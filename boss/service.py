@@ -83,7 +83,18 @@ class Boss:
             if spooled:
                 spooled.unlink(missing_ok=True)
 
+    @property
+    def database(self) -> str:
+        """The database URL, without its password."""
+        return self.store.engine.url.render_as_string(hide_password=True)
+
+    def progress(self) -> dict[str, dict[str, int]]:
+        """Tasks and workers by state: what the autoscaler and `boss run` poll."""
+        with self.store.ro() as conn:
+            return {"tasks": reads.task_counts(conn), "workers": workers.counts(conn)}
+
     def status(self) -> dict[str, Any]:
+        """`boss admin status`: the progress, worker errors, cost, context, database."""
         from boss import cost
         from boss.store import report_reads
 
@@ -101,7 +112,7 @@ class Boss:
                          "currency": self.settings.cost.currency,
                          "unpriced_workers": sum(1 for c in costs if c.cost is None)},
                 "context": workers.context(conn),
-                "database": self.store.engine.url.render_as_string(hide_password=True),
+                "database": self.database,
             }
 
     def tasks(self, state: str | None = None, after_id: int = 0,
