@@ -10,14 +10,16 @@ from protocol.settings import Settings
 BOUND = 120.0  # seconds; a bound on waiting, never an assertion about speed
 
 
-def wait_for(predicate: Callable[[], object], what: str, bound: float = BOUND) -> None:
-    """Poll ``predicate`` until it is true; fail naming ``what`` after ``bound`` seconds."""
+def wait_for(predicate: Callable[[], object], what: str, bound: float = BOUND,
+             every: float = 0.1) -> None:
+    """Poll ``predicate`` every ``every`` seconds until it is true; fail naming ``what``
+    after ``bound`` seconds."""
     deadline = time.monotonic() + bound
     while time.monotonic() < deadline:  # bounded in time
         if predicate():
             return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+    raise AssertionError(f"gave up after {bound:.0f} s waiting for {what}")
 
 
 def quick_pool(s: Settings, slots: int, max_workers: int) -> None:

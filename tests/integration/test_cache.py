@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from tests import sshd as sshd_helper
+from tests import waiting
 from tests.sshd import Sshd
 from worker.cache import Cache
 from worker.datastore import Datastore
@@ -39,11 +39,7 @@ WAIT = 30.0  # seconds; a bound on every wait, never an expectation
 
 
 def wait_for(condition: Callable[[], bool], what: str, bound: float = WAIT) -> None:
-    deadline = time.monotonic() + bound
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {bound:.0f} s waiting for {what}")
-        time.sleep(0.005)
+    waiting.wait_for(condition, what, bound, every=0.005)
 
 
 class GatedFS(LocalFileSystem):  # type: ignore[misc]  # fsspec is untyped

@@ -19,6 +19,7 @@ import pytest
 
 from protocol.messages import Assignment, Result
 from protocol.settings import WorkerSettings
+from tests import waiting
 from tests.podman_image import ensure_image, podman_missing_reason
 from worker.attempt import JANITOR, AttemptEnv, run_attempt
 from worker.cache import Cache
@@ -156,12 +157,8 @@ def test_comma_in_a_mount_path_is_refused(tmp_path: Path) -> None:
 # ---- a task with an image, end to end ------------------------------------------------------
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {WAIT:.0f} s waiting for {what}")
-        time.sleep(0.01)
+def wait_for(condition: Callable[[], object], what: str) -> None:
+    waiting.wait_for(condition, what, WAIT, every=0.01)
 
 
 def attempt(tmp_path: Path, document: dict[str, Any], *, cancel: threading.Event | None = None

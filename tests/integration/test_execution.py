@@ -10,12 +10,12 @@ import json
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests import waiting
 from worker.errors import PathError
 from worker.execution import Execution, Step, base_env, run_steps, tail
 
@@ -51,12 +51,8 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {WAIT:.0f} s waiting for {what}")
-        time.sleep(0.01)
+def wait_for(condition: Callable[[], object], what: str) -> None:
+    waiting.wait_for(condition, what, WAIT, every=0.01)
 
 
 def read_pid(path: Path) -> int:

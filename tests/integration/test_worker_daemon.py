@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from boss.server import Server
 from boss.service import Boss
 from protocol.settings import Settings
+from tests import waiting
 from tests.bossd import serving
 from tests.conftest import make_settings
 from tests.integration.test_transitions import push, states, task
@@ -54,13 +54,8 @@ def start_worker(boss: Boss, server: Server, slots: int = 2, **kw: object
     return worker, thread, out
 
 
-def wait_for(predicate: object, what: str) -> None:
-    deadline = time.monotonic() + BOUND
-    while time.monotonic() < deadline:  # bounded in time
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_for(condition: Callable[[], object], what: str) -> None:
+    waiting.wait_for(condition, what, BOUND, every=0.05)
 
 
 def alive(pid: int) -> bool:
