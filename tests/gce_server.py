@@ -35,9 +35,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.httpd import serving_http
 
 _PREFIX = "/compute/v1/"
 _ROUTE = re.compile(r"^projects/([^/]+)/zones/([^/]+)/(instances|operations)(?:/([^/]+))?"
@@ -338,15 +340,6 @@ def serve(fake: FakeCompute | None = None) -> Iterator[FakeCompute]:
     """Run ``fake`` on 127.0.0.1 (a free port); ``fake.url`` is the api_endpoint."""
     fake = fake or FakeCompute()
     handler = type("Handler", (_Handler,), {"fake": fake})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}{_PREFIX}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
+    with serving_http(handler) as server:
+        fake.url = f"http://127.0.0.1:{server.server_address[1]}{_PREFIX}"
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)

@@ -14,17 +14,17 @@ import re
 import shlex
 import stat
 import subprocess
-import threading
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from boss.startup import RESTARTS, toml_string, worker_script, worker_tuning
 from protocol.settings import Settings, load_settings
+from tests.httpd import serving_http
 
 VERSION = "0.1.0"
 HOST_KEY = "[10.0.0.2]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOfTheBoss"
@@ -81,17 +81,10 @@ def metadata() -> Iterator[Metadata]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1/instance/attributes"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
+    with serving_http(Handler) as server:
+        state.url = (f"http://127.0.0.1:{server.server_address[1]}"
+                     "/computeMetadata/v1/instance/attributes")
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def settings(**worker: object) -> Settings:
