@@ -44,15 +44,17 @@ def write_tasks(path: Path, n: int) -> None:
             f.write(f'{{"name":"c{i}","commands":[{{"command":["true"]}}]}}\n')
 
 
-def drain(boss: Boss, workers: list[int], batch: int) -> tuple[int, float]:
-    """Claim and complete until nothing is left; return (tasks done, seconds)."""
+def drain(boss: Boss, workers: list[int], batch: int,
+          limit: int | None = None) -> tuple[int, float]:
+    """Claim and complete until nothing is left (or each worker did ``limit``);
+    return (tasks done, seconds)."""
     done = [0] * len(workers)
     errors: list[BaseException] = []
 
     def run(k: int) -> None:
         wid = workers[k]
         try:
-            while True:
+            while limit is None or done[k] < limit:
                 got = boss.claim(wid, batch)
                 if not got:
                     return
