@@ -157,6 +157,9 @@ def open_url(url: str, options: Mapping[str, Any] | None = None) -> Location:
     return opener(url, options or {})
 
 
+MAKEDIRS_TRIES = 3  # each lost race means another worker made a level: few are needed
+
+
 def _public(url: str) -> str:
     """A URL fit for a message: the query (which may hold options) is dropped."""
     return url.partition("?")[0]
@@ -299,7 +302,7 @@ def upload(fs: FileSystem, local: Path, rpath: str, *, guard: Callable[[Path], N
     if rpath.endswith("/"):
         items = [(p, rpath + rel) for p, rel in local_files(local, guard)]
         with translated(f"upload to {rpath}"):
-            fs.makedirs(rpath.rstrip("/"), exist_ok=True)
+            makedirs(fs, rpath.rstrip("/"))
     else:
         guard(local)
         _check_regular(local)
@@ -311,11 +314,27 @@ def upload(fs: FileSystem, local: Path, rpath: str, *, guard: Callable[[Path], N
         parent = target.rsplit("/", 1)[0] if "/" in target else ""
         with translated(f"upload of {path} to {target}"):
             if parent and parent not in made:
-                fs.makedirs(parent, exist_ok=True)
+                makedirs(fs, parent)
                 made.add(parent)
             fs.put_file(str(path), target)
         moved += path.stat().st_size
     return moved
+
+
+def makedirs(fs: FileSystem, path: str) -> None:
+    """``fs.makedirs(path, exist_ok=True)``, safe against another worker making a level.
+
+    fsspec's SFTP makedirs looks, then makes, each level: a worker that loses
+    the race in between gets the server's bare "Failure" for a directory that
+    now exists. Each retry starts past the levels made so far.
+    """
+    for tries_left in range(MAKEDIRS_TRIES - 1, -1, -1):
+        try:
+            fs.makedirs(path, exist_ok=True)
+            return
+        except OSError:
+            if tries_left == 0:
+                raise
 
 
 def check_publish(fs: FileSystem, final: str) -> None:

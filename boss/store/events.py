@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, insert, select
 
 from boss.models import Event
+from boss.store import fast
 
 # what a worker reports about its attempt (stored as "job." + kind)
 WORKER_KINDS = frozenset({
@@ -44,8 +45,8 @@ def record(
     data: dict[str, Any] | None = None,
     ts: float | None = None,
 ) -> None:
-    conn.execute(
-        insert(Event),
+    fast.execute(
+        conn, _INSERT,
         {"ts": ts or time.time(), "kind": kind, "task_id": task_id, "attempt_id": attempt_id,
          "worker_id": worker_id, "data": json.dumps(data) if data else None},
     )
@@ -56,8 +57,8 @@ def record_many(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
     now = time.time()
-    conn.execute(
-        _INSERT,
+    fast.execute_many(
+        conn, _INSERT,
         [{"ts": r.get("ts", now), "kind": r["kind"], "task_id": r.get("task_id"),
           "attempt_id": r.get("attempt_id"), "worker_id": r.get("worker_id"),
           "data": json.dumps(r["data"]) if r.get("data") else None} for r in rows],

@@ -10,6 +10,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 from boss.errors import NotFound
 from boss.lifecycle import AttemptState
 from boss.models import Attempt, Context, Task, Worker
+from boss.store import fast
 
 
 def create(conn: Connection, *, name: str, provider: str, slots: int, token_hash: str,
@@ -99,15 +100,16 @@ def drop_context(conn: Connection, keys: Sequence[str] | None = None) -> int:
 
 
 def state_of(conn: Connection, worker_id: int) -> str | None:
-    return conn.execute(_STATE_OF, {"p_worker": worker_id}).scalar()
+    found = fast.execute(conn, _STATE_OF, {"p_worker": worker_id})
+    return found[0][0] if found else None
 
 
 def seen(conn: Connection, worker_id: int, now: float, state: str | None = None) -> None:
     """The worker called (pop, heartbeat): its last contact, and its state if given."""
     if state is None:
-        conn.execute(_SEEN, {"p_worker": worker_id, "p_now": now})
+        fast.execute(conn, _SEEN, {"p_worker": worker_id, "p_now": now})
     else:
-        conn.execute(_SEEN_AS, {"p_worker": worker_id, "p_now": now, "p_state": state})
+        fast.execute(conn, _SEEN_AS, {"p_worker": worker_id, "p_now": now, "p_state": state})
 
 
 # built once: these run on every pop and heartbeat
