@@ -35,7 +35,8 @@ class Pop:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Renew leases: the answer is the list of attempt ids to cancel."""
+    """Renew leases: the answer is a ``Beat`` (attempts to cancel, attempts to hand over
+    again because their claim's reply never reached the worker)."""
 
     worker_id: int
     attempt_ids: tuple[int, ...]

@@ -28,6 +28,7 @@ from boss.providers import Created, Failed, provider_for
 from boss.scaler import Scaler
 from protocol.console import err, main_for
 from protocol.errors import SettingsError
+from protocol.settings import hide_password
 
 
 @app.command()
@@ -132,8 +133,11 @@ def show_context(ctx: typer.Context,
                  as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """The Context table: datastore, buckets, boss address."""
     boss = _boss(ctx)
-    data = boss.context()
+    # bucket URLs may hold a password: workers get them whole, screens and logs do not
+    data = {k: hide_password(v) for k, v in boss.context().items()}
     buckets, default = boss.buckets()
+    buckets = {k: hide_password(v) for k, v in buckets.items()}
+    default = hide_password(default)
     if as_json:
         _json({"context": data, "buckets": buckets, "datastore": default})
         return

@@ -51,6 +51,8 @@ CHUNK_BYTES = 1 << 21  # JSON lines are checked a chunk (whole lines) at a time
 ARRAY_CHUNK = 10_000  # documents of a JSON array per chunk
 PARALLEL_MIN_BYTES = 8 << 20  # smaller files are checked in this process
 MAX_HELPERS = 8
+# Python's json gives up about 1,000 levels down; a task document is 4 levels deep
+TOO_DEEP = "not valid JSON for a task: arrays or objects nested too deeply"
 
 
 @dataclass
@@ -202,8 +204,9 @@ def check_lines(data: bytes, first_line: int, default_bucket: str) -> list[Recor
         lineno = first_line + k
         size = len(line) + (k != unterminated)
         if size > MAX_LINE_BYTES:
-            out.append((BAD, False, [f"line {lineno}: a task of {size} bytes is larger than "
-                                     f"{MAX_LINE_BYTES} bytes"]))
+            # _line_chunks() cut a longer line short: "more than", not its size
+            out.append((BAD, False, [f"line {lineno}: a task of more than {MAX_LINE_BYTES} "
+                                     "bytes (one task a line; is this a JSON-lines file?)"]))
             continue
         try:
             doc = fast(line)
@@ -215,11 +218,15 @@ def check_lines(data: bytes, first_line: int, default_bucket: str) -> list[Recor
         try:  # with its newline, as in a message's "line 2 column 1" for an unclosed '{'
             raw = json.loads((line + b"\n" if k != unterminated else line).decode("utf-8"))
         except UnicodeDecodeError as exc:
-            out.append((BAD, False, [f"line {lineno}: not valid UTF-8 at byte {exc.start}"]))
+            out.append((BAD, False, [f"line {lineno}: not valid UTF-8 at byte {exc.start} "
+                                     "of the line"]))
             continue
         except json.JSONDecodeError as exc:
             out.append((BAD, False, [f"line {lineno} column {exc.colno}: not valid JSON: "
                                      f"{exc.msg}"]))
+            continue
+        except RecursionError:
+            out.append((BAD, False, [f"line {lineno}: {TOO_DEEP}"]))
             continue
         out.append(_check_value(raw, 0, lineno, default_bucket))
     return out
@@ -245,13 +252,23 @@ class Chunk:
 
 
 def _line_chunks(f: IO[bytes]) -> Iterator[tuple[bytes, int]]:
-    """Whole lines, about CHUNK_BYTES at a time, with the number of the first line."""
+    """Whole lines, about CHUNK_BYTES at a time, with the number of the first line.
+
+    A line longer than MAX_LINE_BYTES is cut short (check_lines() refuses it) and the
+    rest of it skipped unread, so that a file without newlines, such as a binary file
+    pushed by mistake, is never held in memory.
+    """
     line = 1
     while block := f.read(CHUNK_BYTES):
+        skipped = False
         if not block.endswith(b"\n"):
-            block += f.readline()
+            block += f.readline(MAX_LINE_BYTES + 1)
+            if not block.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                skipped = rest.endswith(b"\n")
         yield block, line
-        line += block.count(b"\n")
+        line += block.count(b"\n") + skipped
 
 
 def checked_chunks(path: Path, problems: _Problems, default_bucket: str
@@ -285,10 +302,13 @@ def _array_chunks(path: Path, f: IO[bytes], problems: _Problems,
     data = f.read()
     try:
         docs = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        problems.add(TOO_DEEP)
+        return
     except UnicodeDecodeError as exc:
         # a line number is what an editor can jump to; the byte pins it down
         line = data.count(b"\n", 0, exc.start) + 1
-        problems.add(f"line {line}: not valid UTF-8 at byte {exc.start}")
+        problems.add(f"line {line}: not valid UTF-8 at byte {exc.start} of the file")
         return
     except json.JSONDecodeError as exc:
         problems.add(f"line {exc.lineno} column {exc.colno}: not valid JSON: {exc.msg}")
@@ -674,13 +694,23 @@ def document_text(p: Plan, i: int, text: str) -> str:
     return text
 
 
-def spool_stdin(stream: Any, directory: Path) -> Path:
-    """Copy standard input to a file so that it can be read twice."""
+def spool_stdin(stream: Any, directory: Path, limit: int | None = None) -> Path:
+    """Copy standard input to a file so that it can be read twice.
+
+    At most ``limit`` + 1 bytes are copied: one more than the limit is enough to
+    refuse the push, and an endless stream must not fill the disk.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     fd, name = _mkstemp(directory)
+    left = limit + 1 if limit is not None else None
     with os.fdopen(fd, "wb") as out:
-        while chunk := stream.read(1 << 20):
+        while left is None or left > 0:
+            chunk = stream.read(1 << 20 if left is None else min(left, 1 << 20))
+            if not chunk:
+                break
             out.write(chunk)
+            if left is not None:
+                left -= len(chunk)
     return Path(name)
 
 

@@ -29,7 +29,9 @@ def _ago(ts: float | None) -> str:
 
 
 def _state(s: str) -> str:
-    return f"[{STATE_STYLE.get(s, '')}]{escape(s)}[/]"
+    style = STATE_STYLE.get(s)
+    # an unstyled state (an attempt's "timeout", "lost") as "[]x[/]" is a MarkupError
+    return f"[{style}]{escape(s)}[/]" if style else escape(s)
 
 
 def _text(value: str | None, limit: int | None = None) -> str:

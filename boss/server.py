@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from boss import calls
 from boss.errors import BossError, DatabaseError, UserError
 from boss.scaler import Scaler
-from boss.service import Boss, PopAnswer, WorkerIdentity
+from boss.service import Beat, Boss, PopAnswer, WorkerIdentity
 from boss.store import events as event_rows
 from protocol import messages
 from protocol.errors import Code, ProtocolError
@@ -46,6 +47,10 @@ MAX_BATCH = 512
 MAX_EVENT_BYTES = 16 * 1024
 MAX_EVENTS = 10_000
 PIPELINE = 64  # requests of one connection answered at once
+# a batch whose transaction failed on the database is retried for this long: under
+# the workers' 30 s reply timeout, so that they get an answer rather than a timeout
+DB_RETRY_SECONDS = 20.0
+DB_RETRY_FIRST, DB_RETRY_CAP = 0.05, 2.0  # seconds between retries, doubling
 
 
 class GroupCommit:
@@ -59,6 +64,7 @@ class GroupCommit:
         self._flusher: asyncio.Task[None] | None = None
         self.batches = 0  # counters, for `boss serve` logs and the benchmarks
         self.calls = 0
+        self._closed = False
 
     async def submit(self, call: calls.Call) -> Any:
         """Apply one call (batched with whatever else is waiting); raise its error."""
@@ -71,13 +77,11 @@ class GroupCommit:
         return answer
 
     async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._pending:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             try:
-                answers = await loop.run_in_executor(
-                    self._executor, self.boss.apply, [call for call, _ in batch])
+                answers = await self._apply([call for call, _ in batch])
             except BossError as exc:  # the transaction itself failed: every call did
                 answers = [exc] * len(batch)
             except Exception as exc:  # a bug; keep serving, answer "internal"
@@ -93,7 +97,43 @@ class GroupCommit:
                 else:
                     future.set_result(answer)
 
+    async def _apply(self, batch: list[calls.Call]) -> list[Any]:
+        """Apply a batch; while its transaction fails on the database (locked, down,
+        restarting) retry it, for up to DB_RETRY_SECONDS, saying so in the log.
+
+        A failed transaction changed nothing, so running it again is safe; the
+        calls wait instead of failing, and the workers never see the outage
+        unless it outlasts the bound (their replies would time out after it).
+        """
+        loop = asyncio.get_running_loop()
+        delay, since, tries = DB_RETRY_FIRST, 0.0, 0
+        while True:
+            try:
+                answers = await loop.run_in_executor(self._executor, self.boss.apply, batch)
+            except DatabaseError as exc:
+                now = time.monotonic()
+                why = " ".join(str(exc).split())  # drivers' messages span lines
+                if not tries:
+                    since = now
+                if self._closed or now - since + delay > DB_RETRY_SECONDS:
+                    log.error("database still unavailable after %.1f s and %d retries, "
+                              "%d call(s) answered with the error: %s", now - since, tries,
+                              len(batch), why)
+                    raise
+                if not tries:
+                    log.warning("database unavailable (%s); retrying for up to %g s", why,
+                                DB_RETRY_SECONDS)
+                tries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DB_RETRY_CAP)
+                continue
+            if tries:
+                log.warning("database is back after %.1f s (%d retries)",
+                            time.monotonic() - since, tries)
+            return answers
+
     def close(self) -> None:
+        self._closed = True
         self._executor.shutdown(wait=True)
 
 
@@ -297,7 +337,9 @@ class Server:
             if exc.code == Code.UNAUTHORIZED:
                 raise Closing(reply) from None
             return reply
-        except (UserError, DatabaseError) as exc:
+        except DatabaseError as exc:  # the boss retried already; the worker waits and retries
+            return messages.error(req.id, Code.UNAVAILABLE, str(exc))
+        except UserError as exc:
             return messages.error(req.id, Code.INTERNAL, str(exc))
         except Closing:
             raise
@@ -353,8 +395,11 @@ class Server:
 
     async def _heartbeat(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
         ids = _int_list(messages.arg(args, "attempts", list))
-        cancel = await self.commits.submit(calls.Heartbeat(self._me(conn), tuple(ids)))
-        return {"cancel": cancel}
+        beat: Beat = await self.commits.submit(calls.Heartbeat(self._me(conn), tuple(ids)))
+        out: dict[str, Any] = {"cancel": beat.cancel}
+        if beat.adopt:
+            out["adopt"] = [a.to_wire() for a in beat.adopt]
+        return out
 
     async def _event(self, conn: _Connection, args: dict[str, Any]) -> dict[str, Any]:
         """Progress events, batched by the worker: ``events`` [{attempt_id, kind, data, ts}]."""
@@ -416,15 +461,35 @@ class Server:
 
 def _int_list(values: list[Any]) -> list[int]:
     if len(values) > 100_000 or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in values):
+            isinstance(v, int) and not isinstance(v, bool) and messages.fits_int64(v)
+            for v in values):
         raise ProtocolError(Code.MALFORMED, "attempts must be a list of attempt ids")
     return values
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one; return the soft limit.
+
+    Every connected worker holds a file descriptor for as long as it runs, and a
+    common soft default is 1,024: near 1,000 workers accept() failed with EMFILE
+    and SQLite could not open its files (benchmarks/many_workers.py).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard  # the kernel's usual nr_open
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
+    return soft
 
 
 def serve(boss: Boss, on_ready: Callable[[int], None] | None = None,
           scaler: Scaler | None = None) -> None:
     """Run the server until SIGINT or SIGTERM (the `boss serve` command)."""
     host, _, port = boss.settings.boss.listen.rpartition(":")
+    raise_fd_limit()
 
     async def main() -> None:
         server = Server(boss, host, int(port), scaler)

@@ -16,20 +16,20 @@ from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from boss import calls
 from boss import push as pushing
-from boss.errors import BossError, DatabaseError, UserError
+from boss.errors import BossError, DatabaseError, PushError, UserError
 from boss.lifecycle import TaskState
 from boss.providers import Created, Failed, Provider, WorkerSpec
-from boss.store import Store, reads, tasks, workers
+from boss.store import Store, fast, reads, tasks, workers
 from boss.store import events as event_rows
 from boss.store.push import PushResult, push_file
 from boss.store.tasks import Ended
 from protocol.document import BUCKET_RE
 from protocol.messages import Assignment, Result
-from protocol.settings import Settings, absolute_url
+from protocol.settings import Settings, absolute_url, hide_password
 
 DEFAULT_BUCKET = "default"
 
@@ -71,11 +71,23 @@ class Boss:
              skip_existing: bool = False) -> PushResult:
         """Push a file (or standard input): all tasks or none."""
         spooled = None
+        limit = self.settings.boss.max_push_bytes
         if path is None:
             spooled = pushing.spool_stdin(stdin or sys.stdin.buffer,
-                                          Path(self.settings.worker.workdir).parent / "spool")
+                                          Path(self.settings.worker.workdir).parent / "spool",
+                                          limit)
             path = spooled
         try:
+            # by its size alone, before a byte is read: a huge file is a mistake to report
+            # at once (a binary file, the wrong file), not gigabytes to check first
+            size = path.stat().st_size if path.is_file() else 0
+            if size > limit:
+                what = (f"standard input holds more than {limit} bytes" if spooled
+                        else f"the file is {size} bytes")
+                raise PushError("<stdin>" if spooled else str(path), [
+                    f"{what}, over the limit of {limit} bytes ([boss] max_push_bytes, "
+                    "ECLOUD_BOSS_MAX_PUSH_BYTES); split it into several pushes or raise "
+                    "the limit"])
             # one transaction, opened once the first chunk of the file checks out
             return push_file(self.store, path, "<stdin>" if spooled else str(path),
                              DEFAULT_BUCKET, skip_existing=skip_existing)
@@ -111,7 +123,7 @@ class Boss:
                          "cost": sum(c.cost for c in costs if c.cost is not None),
                          "currency": self.settings.cost.currency,
                          "unpriced_workers": sum(1 for c in costs if c.cost is None)},
-                "context": workers.context(conn),
+                "context": {k: hide_password(v) for k, v in workers.context(conn).items()},
                 "database": self.database,
             }
 
@@ -347,8 +359,8 @@ class Boss:
         return answer
 
     def heartbeat(self, worker_id: int, attempt_ids: Sequence[int]) -> list[int]:
-        answer: list[int] = self.apply_one(calls.Heartbeat(worker_id, tuple(attempt_ids)))
-        return answer
+        answer: Beat = self.apply_one(calls.Heartbeat(worker_id, tuple(attempt_ids)))
+        return answer.cancel
 
     def complete(self, worker_id: int | None, result: Result) -> Ended | None:
         answer: Ended | None = self.apply_one(calls.Complete(worker_id, result))
@@ -386,10 +398,14 @@ class Boss:
         with self.store.tx() as conn:
             for call in batch:
                 try:
-                    with conn.begin_nested():
+                    with fast.savepoint(conn):
                         out.append(self._apply(conn, call, now))
                 except BossError as exc:
                     out.append(exc)
+                except DBAPIError as exc:
+                    if exc.connection_invalidated:
+                        raise  # the connection is gone: the whole batch failed, say why
+                    out.append(DatabaseError(f"{type(call).__name__}: {exc}"))
                 except SQLAlchemyError as exc:
                     out.append(DatabaseError(f"{type(call).__name__}: {exc}"))
         return out
@@ -436,7 +452,10 @@ class Boss:
                 return self._events(conn, worker_id, items, now)
             case calls.Heartbeat(worker_id, attempt_ids):
                 workers.seen(conn, worker_id, now)
-                return tasks.heartbeat(conn, worker_id, attempt_ids, lease, now)
+                cancel = tasks.heartbeat(conn, worker_id, attempt_ids, lease, now)
+                # claimed for it a while ago and still unknown to it: the reply was lost
+                grace = 2 * self.settings.worker.heartbeat_seconds
+                return Beat(cancel, tasks.unheard(conn, worker_id, attempt_ids, now - grace))
             case calls.Complete(worker_id, result):
                 # last_seen is kept by pop and heartbeat; one write less per task here
                 return tasks.complete(conn, worker_id, result, now)
@@ -473,6 +492,15 @@ class PopAnswer:
     tasks: list[Assignment]
     retry_after: float = 0.0
     drain: bool = False
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What ``heartbeat`` answers: attempts to cancel, and attempts claimed for the worker
+    that it never heard of (to run them rather than let their leases expire)."""
+
+    cancel: list[int]
+    adopt: list[Assignment]
 
 
 def _unwrap(answer: Any) -> Any:

@@ -19,7 +19,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-][A-Za-z0-9_.:@+/-]*")
+# not '-' first: a name is an argument of `boss logs NAME` and the like, never an option
+NAME_RE = re.compile(r"[A-Za-z0-9_.:@+][A-Za-z0-9_.:@+/-]*")
+# an image reference (registry/name:tag@digest): it is an argument of `podman run`, so
+# no '-' first (it would be read as an option) and no blanks or shell metacharacters
+IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # fullmatch everywhere: "$" would also match before a trailing newline
 MAX_NAME = 200
@@ -96,7 +100,7 @@ class Command(BaseModel):
     stdin: str | None = None
     stdout: str | None = None
     stderr: str | None = None
-    shell: bool = False
+    shell: bool = Field(default=False, strict=True)  # "no" must not read as false
 
     @field_validator("command")
     @classmethod
@@ -128,9 +132,10 @@ class TaskDocument(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict)
     commands: list[Command] = Field(min_length=1)
     after: list[str] = Field(default_factory=list)
-    retries: int = Field(default=0, ge=0, le=100)
-    timeout: float | None = Field(default=None, gt=0)
-    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
+    # strict: "3" or true is a mistake to report, not a number to guess at
+    retries: int = Field(default=0, ge=0, le=100, strict=True)
+    timeout: float | None = Field(default=None, gt=0, strict=True, allow_inf_nan=False)
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000, strict=True)
     env: dict[str, str] = Field(default_factory=dict)
     storage: Storage = "cloud"
     workdir: str | None = None
@@ -140,7 +145,8 @@ class TaskDocument(BaseModel):
     def _name(cls, name: str | None) -> str | None:
         if name is not None and not NAME_RE.fullmatch(name):
             raise ValueError(
-                "a name may hold letters, digits and _ . : @ + - / and must not start with '/'"
+                "a name may hold letters, digits and _ . : @ + - / and must not start with "
+                "'/' or '-'"
             )
         if name is not None and any(part in ("", ".", "..") for part in name.split("/")):
             # names become path segments (logs): no empty, '.' or '..' segment
@@ -182,6 +188,14 @@ class TaskDocument(BaseModel):
         if value is not None and "\x00" in value:
             raise ValueError("contains a NUL byte")
         return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, image: str | None) -> str | None:
+        if image is not None and not IMAGE_RE.fullmatch(image):
+            raise ValueError("an image reference holds letters, digits and _ . : @ / - "
+                             "and starts with a letter or digit (e.g. docker.io/alpine:3.19)")
+        return image
 
     @model_validator(mode="after")
     def _storage(self) -> TaskDocument:
@@ -234,7 +248,7 @@ def validate(raw: Any, where: str) -> tuple[TaskDocument | None, list[Problem]]:
     if not isinstance(raw, dict):
         return None, [Problem(where, "", f"a task must be a JSON object, not {_kind(raw)}")]
     try:
-        return TaskDocument.model_validate(raw), []
+        doc = TaskDocument.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False):
@@ -244,6 +258,35 @@ def validate(raw: Any, where: str) -> tuple[TaskDocument | None, list[Problem]]:
                 msg = "unknown key (not part of the task document)"
             problems.append(Problem(where, loc, msg))
         return None, problems
+    # Python's json decodes an escaped lone surrogate ("\ud800"); no UTF-8 holds one, so
+    # neither the database nor a command line could take it later
+    bad = _lone_surrogate(raw, "")
+    if bad is not None:
+        return None, [Problem(where, bad, "a string holds a lone surrogate (an unpaired "
+                              "\\ud800-\\udfff escape), which is not valid UTF-8")]
+    return doc, []
+
+
+def _lone_surrogate(value: Any, loc: str) -> str | None:
+    """Where (as a field path) a string cannot be encoded in UTF-8; None if nowhere.
+
+    Only called on a valid document, whose nesting is a few levels deep."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return loc
+        return None
+    items: Any = (value.items() if isinstance(value, dict)
+                  else enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        here = f"{loc}.{key}" if loc else str(key)
+        if isinstance(key, str) and _lone_surrogate(key, here) is not None:
+            return loc or here
+        found = _lone_surrogate(item, here)
+        if found is not None:
+            return found
+    return None
 
 
 def _kind(value: Any) -> str:

@@ -36,3 +36,4 @@ class Code(StrEnum):
     UNAUTHORIZED = "unauthorized"    # no or wrong token
     NOT_CURRENT = "not_current"      # attempt is no longer current (fencing)
     INTERNAL = "internal"            # the boss failed; retry later
+    UNAVAILABLE = "unavailable"      # the boss's database is down or locked; retry later

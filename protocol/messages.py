@@ -14,7 +14,9 @@ Calls and their arguments / results:
 ``pop``        n (free slots)
                -> {"tasks": [Assignment...]} | {"none": true, "retry_after": s}
                   | {"drain": true}
-``heartbeat``  attempts [attempt ids]  -> {"cancel": [attempt ids]}
+``heartbeat``  attempts [attempt ids]  -> {"cancel": [attempt ids]}, and
+                  "adopt": [Assignment...] when attempts were claimed for the
+                  worker whose reply it never got (it runs them)
 ``event``      events [{attempt_id, kind, data {...}, ts}]  (batched by the worker)
                -> {"not_current": [attempt ids whose events were dropped]}
 ``complete``   attempt_id, outcome, exit_status, reason, metrics, stdout_tail,
@@ -26,6 +28,8 @@ Calls and their arguments / results:
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,14 +64,46 @@ def error(id: int | None, code: Code | str, message: str) -> bytes:
     return encode({"id": id, "ok": False, "error": {"code": str(code), "message": message}})
 
 
+# a \uD800-\uDFFF escape: most are halves of a pair, which is fine; an unpaired one
+# decodes to a str that no UTF-8 (the database, a log) can hold
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _loads(line: bytes, strict: bool = True) -> Any:
+    """json.loads, strict (no NaN or Infinity) unless told; deep nesting is a ValueError."""
+    try:
+        if not strict:
+            return json.loads(line)
+        return json.loads(line, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("arrays or objects nested too deeply") from None
+
+
 def parse_request(line: bytes) -> Request:
     """Decode one request line; raise ProtocolError (never anything else)."""
     try:
-        obj = json.loads(line)
+        obj = _loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(Code.MALFORMED, f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(Code.MALFORMED, "a request must be a JSON object")
+    if _SURROGATE_ESCAPE.search(line):
+        try:
+            encode(obj)
+        except UnicodeEncodeError:
+            raise ProtocolError(Code.MALFORMED, "a string holds an unpaired surrogate "
+                                "escape, which is not valid UTF-8") from None
     rid = obj.get("id")
     if not isinstance(rid, int) or isinstance(rid, bool):
         raise ProtocolError(Code.MALFORMED, "'id' must be an integer")
@@ -86,7 +122,7 @@ def parse_request(line: bytes) -> Request:
 def request_id(line: bytes) -> int | None:
     """Best effort: the id of a request that failed to parse, for the error reply."""
     try:
-        obj = json.loads(line)
+        obj = _loads(line, strict=False)
     except (ValueError, UnicodeDecodeError):
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
@@ -115,11 +151,20 @@ def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default:
             raise ProtocolError(Code.MALFORMED, f"missing argument {name!r}")
         return default
     value = args[name]
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
+    # bool is an int to isinstance(): true must not pass for 1, wherever a number is asked
+    # for (alone or with None, as exit_status is)
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
         raise ProtocolError(Code.MALFORMED, f"argument {name!r} must be a number")
     if not isinstance(value, kind):
         raise ProtocolError(Code.MALFORMED, f"argument {name!r} has the wrong type")
+    if isinstance(value, int) and not fits_int64(value):
+        raise ProtocolError(Code.MALFORMED, f"argument {name!r} is out of range")
     return value
+
+
+def fits_int64(value: int) -> bool:
+    """Whether an integer fits the database's 64-bit columns (ids, statuses)."""
+    return -(2**63) <= value < 2**63
 
 
 @dataclass(frozen=True)
@@ -167,7 +212,8 @@ class Result:
             raise ProtocolError(Code.MALFORMED, f"outcome {outcome!r} is not one of "
                                 f"{sorted(OUTCOMES)}")
         metrics = arg(args, "metrics", dict, {})
-        if not all(isinstance(v, int | float) and not isinstance(v, bool)
+        if not all(isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)
+                                             and fits_int64(v))
                    for v in metrics.values()):
             raise ProtocolError(Code.MALFORMED, "metrics must be numbers")
         status = arg(args, "exit_status", (int, type(None)), None)

@@ -39,6 +39,7 @@ class BossSettings(_Table):
     authorized_keys: str = "~/.ssh/authorized_keys"
     ssh_host_key_file: str = "/etc/ssh/ssh_host_ed25519_key.pub"
     worker_key_file: str = ""
+    max_push_bytes: int = Field(default=10_000_000_000, ge=1)
 
     @field_validator("listen")
     @classmethod
@@ -283,6 +284,18 @@ def absolute_url(url: str, base: Path) -> str:
         if rest and rest != ":memory:":
             return "sqlite:///" + str((base / rest).resolve())
     return url
+
+
+_URL_PASSWORD = re.compile(r"^([A-Za-z][\w+.-]*://[^/?#@:]*):[^/?#@]*@")
+_SECRET_QUERY = re.compile(r"(?i)([?&][^=&#]*(?:secret|password|passwd|token)[^=&#]*=)[^&#]*")
+
+
+def hide_password(url: str) -> str:
+    """A URL for display: its password, and query values named like a secret, as ``***``.
+
+    Workers are sent the URL itself; people and logs see this.
+    """
+    return _SECRET_QUERY.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
 
 
 def absolutize(settings: Settings, base: Path) -> Settings:

@@ -44,10 +44,30 @@ class PgServer:
                         "-U", self.user, "-d", database, "-v", "ON_ERROR_STOP=1", "-q",
                         "-c", sql], check=True, capture_output=True, timeout=60)
 
+    def restart(self, down_seconds: float = 0.0) -> float:
+        """Stop the server as an administrator would (fast: every connection is
+        terminated, committed work kept), stay down ``down_seconds``, start it again;
+        return how long it refused connections."""
+        t0 = time.monotonic()
+        _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast",
+                      "-w", "-t", "60", "stop"])
+        time.sleep(down_seconds)
+        _as_postgres(_start_command(self.bindir, self.datadir, self.port))
+        return time.monotonic() - t0
+
     def stop(self) -> None:
         _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate",
                       "stop"], check=False)
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
+
+
+def _start_command(bindir: Path, datadir: Path, port: int) -> list[str]:
+    root = datadir.parent
+    return [str(bindir / "pg_ctl"), "-D", str(datadir), "-w", "-t", "60",
+            "-l", str(root / "log"), "-o",
+            f"-k {root / 'sock'} -h 127.0.0.1 -p {port} -F -c max_connections=200 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            "start"]
 
 
 def _as_postgres(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[bytes]:
@@ -79,11 +99,7 @@ def start() -> tuple[PgServer | None, str]:
     try:
         _as_postgres([str(bindir / "initdb"), "-D", str(datadir), "-U", user, "-A", "trust",
                       "--no-sync", "-E", "UTF8"])
-        _as_postgres([str(bindir / "pg_ctl"), "-D", str(datadir), "-w", "-t", "60",
-                      "-l", str(root / "log"), "-o",
-                      f"-k {sockdir} -h 127.0.0.1 -p {port} -F -c max_connections=200 "
-                      "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-                      "start"])
+        _as_postgres(_start_command(bindir, datadir, port))
     except subprocess.CalledProcessError as exc:
         return None, f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')[-500:]}"
     server = PgServer(port, datadir, bindir, user)

@@ -55,6 +55,7 @@ from worker.errors import (
 from worker.execution import Execution, Step, base_env, command_argv, run_steps
 
 log = logging.getLogger(__name__)
+FULL_BYTES = 1 << 20  # free space under which a failed command is said to have filled the disk
 Emit = Callable[[str, dict[str, Any]], None]
 
 
@@ -68,6 +69,8 @@ class AttemptEnv:
     default_url: str
     settings: WorkerSettings
     storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # attempt id -> why it may no longer publish outputs (lease not renewed), or None
+    fence: Callable[[int], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,12 @@ class _Attempt:
                                  for e in exc.errors(include_url=False))
             return self.result("failed", f"invalid task document: {problems}")
         shutil.rmtree(self.root, ignore_errors=True)  # left by a crashed earlier run
-        (self.root / "logs").mkdir(parents=True)
+        try:
+            (self.root / "logs").mkdir(parents=True)
+        except OSError as exc:  # read-only, full, a file in the way: the worker's setup
+            return self.result("failed", f"cannot make the work directory {self.root}: "
+                               f"{exc.strerror or exc} (check the worker's workdir "
+                               f"{self.env.workdir_root})")
         try:
             with datastore.Datastore(self.env.buckets, self.env.default_url,
                                      self.env.storage_options) as store:
@@ -232,7 +240,7 @@ class _Attempt:
             "exit_status": last.exit_status if last else None,
             "executable": last.label if last else "", "metrics": ex.metrics()})
         if ex.outcome != "succeeded":
-            return self.result(ex.outcome, self._explain(doc, ex))
+            return self.result(ex.outcome, self._explain(doc, ex) + _full(work))
         with self._stage("stage-out", "bytes_out") as moved:
             moved.append(self._stage_out(doc, store, outputs, layout))
         return self.result("succeeded")
@@ -304,6 +312,10 @@ class _Attempt:
                     datastore.check_publish(fs, final)
                 except DatastoreError as exc:
                     raise StagingError(f"staging: output {b.remote} ({b.field}): {exc}") from exc
+            # the point of no return: a worker that lost the boss's lease keeps out
+            why = self.env.fence(self.a.attempt_id) if self.env.fence and pending else None
+            if why:
+                raise StagingError(f"outputs not published: {why}")
             while pending:  # ... then each into place, so no final path is ever partial
                 fs, temp, final = pending[0]
                 datastore.publish(fs, temp, final)
@@ -372,7 +384,10 @@ class _Attempt:
             steps.append(Step(argv, label, stdin=local[cmd.stdin] if cmd.stdin else None,
                               stdout=local[cmd.stdout] if cmd.stdout else None,
                               stderr=local[cmd.stderr] if cmd.stderr else None,
-                              on_kill=on_kill))
+                              on_kill=on_kill,
+                              # an earlier command may have made a mount's parent a link
+                              # out of the work dir: the mount would bind the host file
+                              paths=tuple(m.source for m in mounts) if runtime else ()))
         return steps
 
     def _explain(self, doc: TaskDocument, ex: Execution) -> str:
@@ -400,6 +415,18 @@ class _Attempt:
         except WorkerError as exc:  # the task's result stands; its logs are a convenience
             log.warning("attempt %s: logs not uploaded to %s: %s", self.a.attempt_id,
                         prefix, exc)
+
+
+def _full(work: Path) -> str:
+    """A note for a failed command's reason when its work directory's filesystem is full:
+    its own stderr log may then be empty, so nothing else would say why."""
+    try:
+        st = os.statvfs(work)
+    except OSError:
+        return ""
+    if st.f_bavail * st.f_frsize >= FULL_BYTES:
+        return ""
+    return f" (no space left on device: the work directory {work} is on a full filesystem)"
 
 
 def log_prefix(task: str, attempt_id: int) -> str:

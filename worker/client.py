@@ -90,7 +90,14 @@ class BossClient:
         return _pop_reply(self.call("pop", {"n": n}))
 
     def heartbeat(self, attempt_ids: list[int]) -> list[int]:
-        return [int(a) for a in self.call("heartbeat", {"attempts": attempt_ids})["cancel"]]
+        return self.beat(attempt_ids)[0]
+
+    def beat(self, attempt_ids: list[int]) -> tuple[list[int], list[Assignment]]:
+        """Renew the leases of ``attempt_ids``; return the attempts to cancel, and those
+        the boss claimed for this worker whose reply never arrived (to run them)."""
+        r = self.call("heartbeat", {"attempts": attempt_ids})
+        return ([int(a) for a in r["cancel"]],
+                [Assignment.from_wire(t) for t in r.get("adopt", [])])
 
     def events(self, events: list[dict[str, Any]]) -> None:
         """Send queued progress events ({attempt_id, kind, data, ts}) in one call."""
@@ -155,6 +162,11 @@ class BossClient:
                     # the boss restarted or forgot us mid-connection: hello again
                     self._drop(link)
                     continue
+                if exc.code == Code.UNAVAILABLE and reconnect:
+                    # its database is down past the boss's own retries: wait, ask again
+                    log.warning("the boss could not answer %s: %s; retrying", name,
+                                exc.message)
+                    continue
                 raise
         raise BossGone("stopped while waiting for the boss")
 
@@ -166,7 +178,12 @@ class BossClient:
             return
         yield 1  # a broken channel is retried once at once, then with backoff
         deadline = time.monotonic() + self.give_up_after
-        for n, delay in enumerate(backoff_delays(self.backoff_base, self.backoff_cap), 2):
+        cap = self.backoff_cap
+        if self.welcome is not None:
+            # the running attempts' leases run while the boss is away: once it is back,
+            # the worker must be too before they expire, not one long backoff later
+            cap = max(min(cap, self.welcome.lease_seconds / 4), self.backoff_base)
+        for n, delay in enumerate(backoff_delays(self.backoff_base, cap), 2):
             if self.stop.is_set():
                 return
             if time.monotonic() + delay > deadline:
@@ -196,9 +213,14 @@ class BossClient:
                     link.close()
                     last = exc
                     continue
-                except ProtocolError:
-                    link.close()
-                    raise
+                except ProtocolError as exc:
+                    if exc.code != Code.UNAVAILABLE or not reconnect:
+                        link.close()
+                        raise
+                    link.close()  # the boss is up, its database is not: wait, say hello again
+                    log.warning("the boss could not answer hello: %s; retrying", exc.message)
+                    last = TransportError(exc.message)
+                    continue
                 if last is not None:
                     log.info("reconnected to the boss")
                 self._link = link

@@ -49,6 +49,7 @@ class _Running:
     assignment: Assignment
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    renewed: float = field(default_factory=time.monotonic)  # lease last known renewed
 
 
 @dataclass
@@ -82,6 +83,9 @@ class Worker:
         self._reporter = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="report")
         self._reserve: deque[_Running] = deque()  # claimed ahead, not started (in _running)
         self._busy = 0  # slot threads alive
+        # attempt id -> when this worker first had it: a claim is run once, whether its
+        # reply or the boss's heartbeat (after a lost reply) brought it
+        self._seen: dict[int, float] = {}
 
     def stop(self, cancel: bool = False) -> None:
         """Take no new task; with ``cancel``, also cancel the running attempts."""
@@ -96,9 +100,11 @@ class Worker:
         welcome = self.client.hello()
         self.env.buckets = dict(welcome.buckets)
         self.env.default_url = welcome.default_bucket or self.env.default_url
+        self.env.fence = partial(self._fence, welcome.lease_seconds)
         log.info("worker %s (id %d) joined the boss with %d slot(s)", welcome.name,
                  welcome.worker_id, self.slots)
-        beat = threading.Thread(target=self._heartbeat, args=(welcome.heartbeat_seconds,),
+        beat = threading.Thread(target=self._heartbeat,
+                                args=(welcome.heartbeat_seconds, welcome.lease_seconds),
                                 name="heartbeat", daemon=True)
         beat.start()
         reason = "stopped"
@@ -169,8 +175,17 @@ class Worker:
     def _start(self, assignment: Assignment) -> None:
         entry = _Running(assignment)
         with self._changed:
+            if not self._first_time(assignment):
+                return
             self._running[assignment.attempt_id] = entry
             self._spawn(entry)
+
+    def _first_time(self, assignment: Assignment) -> bool:
+        """Whether this attempt is new to the worker (and remember it); holds the lock."""
+        if assignment.attempt_id in self._seen:
+            return False
+        self._seen[assignment.attempt_id] = time.monotonic()
+        return True
 
     def _spawn(self, entry: _Running) -> None:
         """A slot thread for ``entry`` (registered already); the caller holds the lock."""
@@ -243,7 +258,7 @@ class Worker:
             self._running.pop(a.attempt_id, None)
             self._finished += 1
             # registered at once: their leases are renewed from now on
-            mine = [_Running(t) for t in claimed]
+            mine = [_Running(t) for t in claimed if self._first_time(t)]
             for r in mine:
                 self._running[r.assignment.attempt_id] = r
                 self._reserve.append(r)
@@ -277,25 +292,83 @@ class Worker:
         except (TransportError, ProtocolError) as exc:
             log.debug("%d progress events dropped: %s", len(events), exc)
 
-    def _heartbeat(self, every: float) -> None:
+    def _heartbeat(self, every: float, lease: float) -> None:
         while not self._beats_done.wait(every):
             self._flush_events()
             with self._lock:
                 ids = sorted(self._running)
-            if not ids:
+                # an attempt older than its lease cannot come back: forget it
+                old = time.monotonic() - 2 * lease
+                self._seen = {a: t for a, t in self._seen.items() if t >= old}
+            # once a link broke, a claim's reply may have been lost with it: ask even
+            # with nothing running, so that the boss hands those attempts over
+            if not ids and self.client.reconnects <= 1:
                 continue
+            sent = time.monotonic()  # the boss renews after this: a safe lower bound
             try:
-                cancel = self.client.heartbeat(ids)
+                cancel, adopt = self.client.beat(ids)
             except (BossGone, TransportError, ProtocolError) as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
+            if adopt:
+                self._adopt(adopt)
             with self._lock:
+                for attempt_id in set(ids) - set(cancel):
+                    if attempt_id in self._running:
+                        self._running[attempt_id].renewed = sent
                 for attempt_id in cancel:
                     entry = self._running.get(attempt_id)
                     if entry is not None and not entry.cancel.is_set():
                         log.info("task %s: attempt %d cancelled by the boss",
                                  entry.assignment.name, attempt_id)
                         entry.cancel.set()
+
+    def _fence(self, lease: float, attempt_id: int) -> str | None:
+        """Why the attempt must not publish its outputs (None: it may).
+
+        A worker cut off from the boss for longer than the lease may, as far as
+        the boss knows, have lost the attempt: the task may already have run and
+        published elsewhere, and a late copy must not replace that output. The
+        boss refuses the late report; this keeps the late outputs out too. A
+        lease renewed in time costs nothing here; a stale one is checked with
+        the boss (a heartbeat) before anything is published.
+        """
+        with self._lock:
+            entry = self._running.get(attempt_id)
+            if entry is None:
+                return None
+            since = time.monotonic() - entry.renewed
+            ids = sorted(self._running)
+        if since <= lease:
+            return None
+        asked = time.monotonic()
+        try:
+            cancel, adopt = self.client.beat(ids)
+        except (BossGone, TransportError, ProtocolError) as exc:
+            return (f"its lease was last renewed {since:.1f} s ago (lease {lease:g} s) and "
+                    f"the boss cannot say whether it is still current: {exc}")
+        if adopt:
+            self._adopt(adopt)
+        if attempt_id in cancel:
+            return (f"the boss no longer counts it as current (its lease was last renewed "
+                    f"{since:.1f} s ago, lease {lease:g} s): the task may have run elsewhere")
+        with self._lock:
+            entry.renewed = asked
+        return None
+
+    def _adopt(self, assignments: list[Assignment]) -> None:
+        """Take attempts whose claim's reply was lost into the reserve, to run them."""
+        with self._changed:
+            if self._stopping.is_set():
+                return  # the goodbye requeues them
+            for a in assignments:
+                if self._first_time(a):
+                    log.info("task %s: attempt %d taken over (its claim's reply was lost)",
+                             a.name, a.attempt_id)
+                    entry = _Running(a)
+                    self._running[a.attempt_id] = entry
+                    self._reserve.append(entry)
+            self._changed.notify_all()
 
     def _join_all(self) -> None:
         """Wait for every slot thread to finish its attempt (reports are awaited after)."""

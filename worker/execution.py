@@ -67,6 +67,9 @@ class Step:
     # e.g. remove the step's container; on timeout or cancel it runs before the
     # process group is signalled and again once the command is dead
     on_kill: Callable[[], None] | None = None
+    # host paths the command reaches besides its redirections (a container's bind
+    # mount sources): vetted by ``guard`` just before it starts, like the redirections
+    paths: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -127,7 +130,7 @@ def run_steps(steps: Sequence[Step], *, cwd: Path, env: Mapping[str, str],
                              result.steps)
         try:
             if guard is not None:
-                for path in (step.stdin, step.stdout, step.stderr):
+                for path in (step.stdin, step.stdout, step.stderr, *step.paths):
                     if path is not None:
                         guard(path)
             res, why = _run_one(i, step, cwd, env, deadline, cancel, log_dir, tail_bytes,

@@ -12,6 +12,7 @@ it reports (the worker's reference, or the error that stopped its creation).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,8 +109,25 @@ def dry_run(provider: Provider, n: int, slots: int, spot: bool = False) -> list[
     """``provider.plan`` of ``n`` workers that are not registered (no row, no token)."""
     import secrets
 
-    return provider.plan([WorkerSpec(-i, f"{provider.name}-{secrets.token_hex(4)}",
+    plan = provider.plan([WorkerSpec(-i, f"{provider.name}-{secrets.token_hex(4)}",
                                      DRY_RUN_TOKEN, slots, spot) for i in range(1, n + 1)])
+    # printed for people to read (and kept in CI logs): the workers' key is not shown
+    return [_hide_private_keys(item) for item in plan]
+
+
+_PRIVATE_KEY = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?"
+                          r"-----END \1PRIVATE KEY-----", re.DOTALL)
+HIDDEN_KEY = "<the workers' SSH private key ([boss] worker_key_file), not shown>"
+
+
+def _hide_private_keys(value: Any) -> Any:
+    if isinstance(value, str):
+        return _PRIVATE_KEY.sub(HIDDEN_KEY, value)
+    if isinstance(value, dict):
+        return {k: _hide_private_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hide_private_keys(v) for v in value]
+    return value
 
 
 def provider_for(settings: Settings, name: str | None = None) -> Provider:

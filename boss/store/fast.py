@@ -36,6 +36,7 @@ Params = Mapping[str, Any]
 
 @dataclass
 class _Compiled:
+    stmt: Executable  # held, so that its id is not reused while cached
     sql: str
     fixed: dict[str, Any]  # values bound when the statement was built (literals)
     row: Any = field(default=None)  # the named tuple of its result rows, once seen
@@ -53,8 +54,7 @@ def _compiled(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Com
         compiled = stmt.compile(dialect=target, column_keys=list(keys) or None,  # type: ignore[attr-defined]
                                 compile_kwargs={"render_postcompile": True})
         fixed = {k: v for k, v in compiled.params.items() if k not in keys}
-        found = _cache[cache_key] = _Compiled(compiled.string, fixed)
-        # statements are module constants: the id never comes back for another one
+        found = _cache[cache_key] = _Compiled(stmt, compiled.string, fixed)
     return found
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, bindparam, func, select, text, update
 
 from boss import graph
-from boss.errors import PushError
+from boss.errors import DatabaseError, PushError
 from boss.lifecycle import TaskState, initial_state
 from boss.models import Task, TaskOutput, TaskStateCount
 from boss.push import Chunk, Plan, Planner, document_text
@@ -70,10 +70,12 @@ def push_file(store: Store, path: Path, source: str, default_bucket: str = "defa
             planner.add(first)
         if first is not None and planner.clean:
             try:
-                with store.tx() as conn:
+                with store.bulk_tx() as conn:
                     return _Insert(conn, planner, skip_existing).run(first, chunks)
             except _Stop:
                 pass
+            except DatabaseError as exc:  # locked, down: say that the push left no trace
+                raise DatabaseError(f"{exc}; nothing was pushed (try again)") from exc
         for chunk in chunks:  # something is wrong: find every problem, insert nothing
             planner.add(chunk)
         planner.finish()

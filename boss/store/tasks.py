@@ -18,7 +18,7 @@ from sqlalchemy.orm import aliased
 from boss.errors import InvalidState, NotFound
 from boss.lifecycle import RETRYABLE, AttemptState, Outcome, TaskState, after_attempt
 from boss.models import Attempt, Task, TaskEdge
-from boss.store import events
+from boss.store import events, fast
 from protocol.messages import Assignment, Result
 
 A = AttemptState
@@ -54,17 +54,16 @@ def claim(conn: Connection, worker_id: int, n: int, lease: float, now: float) ->
     """Atomically move up to ``n`` ready tasks to running and open their attempts."""
     if n <= 0:
         return []
-    rows = conn.execute(_CLAIM, {"p_n": n, "p_now": now}).all()
+    rows = fast.execute(conn, _CLAIM, {"p_n": n, "p_now": now})
     if not rows:
         return []
     # RETURNING order is unspecified: hand them out in claim order
     rows = sorted(rows, key=lambda r: (-r.priority, r.id))
-    attempts = conn.execute(
-        _OPEN,
-        [{"task_id": r.id, "number": r.tries + r.lost + 1, "worker_id": worker_id,
-          "state": A.RUNNING, "started_at": now, "lease_expires_at": now + lease}
-         for r in rows],
-    ).all()
+    attempts = [
+        fast.execute(conn, _OPEN, {
+            "task_id": r.id, "number": r.tries + r.lost + 1, "worker_id": worker_id,
+            "state": A.RUNNING, "started_at": now, "lease_expires_at": now + lease})[0]
+        for r in rows]
     by_task = {r.id: r for r in rows}
     out = []
     for attempt_id, task_id in attempts:
@@ -92,6 +91,30 @@ def heartbeat(conn: Connection, worker_id: int, attempt_ids: Sequence[int], leas
     return sorted(set(attempt_ids) - set(renewed))
 
 
+def unheard(conn: Connection, worker_id: int, known: Sequence[int], started_before: float
+            ) -> list[Assignment]:
+    """The worker's running attempts that it did not list, claimed before ``started_before``.
+
+    A claim whose reply never reached the worker (the boss killed, or the link
+    broken, after the commit) leaves such attempts: handing them over again
+    lets the worker run them, instead of their leases expiring into lost
+    attempts. A worker holds few attempts, so they are filtered here, not in SQL.
+    """
+    mine = set(known)
+    rows = conn.execute(
+        select(Attempt.id, Attempt.started_at)
+        .where(Attempt.worker_id == worker_id, Attempt.state == A.RUNNING)).all()
+    ids = [r.id for r in rows if r.id not in mine and r.started_at < started_before]
+    if not ids:
+        return []
+    found = conn.execute(
+        select(Attempt.id, Attempt.task_id, Attempt.number, Task.name, Task.document)
+        .join(Task, Task.id == Attempt.task_id).where(Attempt.id.in_(ids))
+        .order_by(Attempt.id)).all()
+    return [Assignment(r.id, r.task_id, r.name, r.number, json.loads(r.document))
+            for r in found]
+
+
 _FINISH = {
     mine: update(Attempt)
     .where(Attempt.id == bindparam("p_attempt"), Attempt.state == A.RUNNING,
@@ -109,13 +132,14 @@ def complete(conn: Connection, worker_id: int | None, result: Result, now: float
     """End an attempt with the worker's result; None when it is no longer current."""
     state = {"succeeded": A.SUCCEEDED, "failed": A.FAILED, "timeout": A.TIMEOUT,
              "cancelled": A.CANCELLED}[result.outcome]
-    row = conn.execute(_FINISH[worker_id is not None], {
+    found = fast.execute(conn, _FINISH[worker_id is not None], {
         "p_attempt": result.attempt_id, "p_worker": worker_id, "p_state": state,
         "p_now": now, "p_exit": result.exit_status, "p_reason": result.reason or None,
         "p_metrics": json.dumps(result.metrics), "p_stdout": result.stdout_tail or None,
-        "p_stderr": result.stderr_tail or None}).first()
-    if row is None:
+        "p_stderr": result.stderr_tail or None})
+    if not found:
         return None
+    row = found[0]
     out = _end(conn, row.task_id, state, result.reason, now)
     task_state = out.task_state
     events.record(conn, "job.finished", task_id=row.task_id, attempt_id=result.attempt_id,
@@ -158,9 +182,9 @@ _END_TASK = (update(Task).where(Task.id == bindparam("p_task"))
 
 def _end(conn: Connection, task_id: int, attempt: AttemptState, reason: str | None,
          now: float) -> Outcome:
-    task = conn.execute(_TASK_COUNTS, {"p_task": task_id}).one()
+    task = fast.execute(conn, _TASK_COUNTS, {"p_task": task_id})[0]
     out = after_attempt(attempt, task.tries, task.lost, task.max_tries)
-    conn.execute(_END_TASK, {
+    fast.execute(conn, _END_TASK, {
         "p_task": task_id, "p_state": out.task_state, "p_tries": out.tries, "p_lost": out.lost,
         "p_now": now,
         "p_reason": None if out.task_state is T.SUCCEEDED else (reason or None)})
@@ -188,8 +212,8 @@ _FREED = (update(Task)
 def release(conn: Connection, parent_ids: Iterable[int], now: float) -> None:
     """Parents succeeded: decrement their children's counters, make the free ones ready."""
     for pid in parent_ids:
-        conn.execute(_ONE_PARENT_LESS, {"p_parent": pid})
-        ready = conn.execute(_FREED, {"p_parent": pid, "p_now": now}).scalars().all()
+        fast.execute(conn, _ONE_PARENT_LESS, {"p_parent": pid})
+        ready = [r[0] for r in fast.execute(conn, _FREED, {"p_parent": pid, "p_now": now})]
         events.record_many(conn, [{"kind": "job.ready", "task_id": i, "ts": now,
                                    "data": {"released_by": pid}} for i in ready])
 
@@ -297,7 +321,7 @@ def retry(conn: Connection, names: Sequence[str] | None, now: float) -> int:
 
 def busy(conn: Connection) -> bool:
     """Is any task still waiting, ready or running (so a worker should not drain)?"""
-    return conn.execute(_ANY_LEFT).first() is not None
+    return bool(fast.execute(conn, _ANY_LEFT))
 
 
 _ANY_LEFT = select(Task.id).where(Task.state.in_([T.WAITING, T.READY, T.RUNNING])).limit(1)
@@ -308,10 +332,10 @@ def running_tasks_of(conn: Connection, worker_id: int, attempt_ids: set[int]
     """attempt id -> task id, for those of ``attempt_ids`` the worker runs now."""
     if not attempt_ids:
         return {}
-    rows = conn.execute(_RUNNING_OF, {"p_ids": sorted(attempt_ids), "p_worker": worker_id})
-    return {int(a): int(t) for a, t in rows}
+    # a worker runs a few attempts: all of them, filtered here, make one statement to cache
+    rows = fast.execute(conn, _RUNNING_OF, {"p_worker": worker_id})
+    return {int(a): int(t) for a, t in rows if a in attempt_ids}
 
 
 _RUNNING_OF = select(Attempt.id, Attempt.task_id).where(
-    Attempt.id.in_(bindparam("p_ids", expanding=True)),
     Attempt.worker_id == bindparam("p_worker"), Attempt.state == A.RUNNING)
