@@ -226,8 +226,14 @@ def write_true_tasks(path: Path, tasks: int, prefix: str = "t") -> None:
                     + "\n")
 
 
-def time_ecloud(tasks: int, slots: int, workers: int = 1) -> EcloudRun:
-    """N `true` tasks through ``boss serve`` and ``worker run --burst`` subprocesses."""
+def time_ecloud(tasks: int, slots: int, workers: int = 1,
+                reach: Callable[[int], list[str]] | None = None) -> EcloudRun:
+    """N `true` tasks through ``boss serve`` and ``worker run --burst`` subprocesses.
+
+    ``reach(port)``: the worker's arguments that say how to reach the boss on
+    that RPC port (default ``--boss tcp://127.0.0.1:PORT``; ssh_tunnels.py
+    passes an ssh:// URL and its key).
+    """
     from boss.service import Boss
     from protocol.settings import load_settings
 
@@ -273,7 +279,8 @@ def time_ecloud(tasks: int, slots: int, workers: int = 1) -> EcloudRun:
                     outs.append((root / f"worker{i}.out").open("w+"))
                     logs.append((root / f"worker{i}.log").open("w"))
                     procs.append(spawn(
-                        [str(BIN / "worker"), "run", "--boss", f"tcp://127.0.0.1:{port}",
+                        [str(BIN / "worker"), "run",
+                         *(reach(port) if reach else ["--boss", f"tcp://127.0.0.1:{port}"]),
                          "--token-file", str(token_file), "--burst", "--slots",
                          str(per_worker)], cwd=root, env=env, stdout=outs[-1],
                         stderr=logs[-1]))

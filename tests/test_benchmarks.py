@@ -26,7 +26,8 @@ BOUND = 240.0  # seconds for one tiny run: a bound on waiting, never a speed ass
 REGISTRY = discover()
 NOT_AVAILABLE = re.compile(r"^not available: \S.{5,}")
 LABELS = {"W", "runs"}  # numbers in a row that are not measured figures
-MARKS = {"tunnel_rtt": [pytest.mark.sshd]}  # starts a real sshd (tests/sshd.py)
+# these start a real sshd (tests/sshd.py)
+MARKS = {name: [pytest.mark.sshd] for name in ("tunnel_rtt", "ssh_tunnels", "staging")}
 
 
 def run_py(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -108,6 +108,41 @@ def test_copy_in_directory_recursively(bucket: Bucket, store: Datastore, tmp_pat
     assert moved == sum(len(d) for d in files.values())
 
 
+@pytest.mark.sshd
+def test_sftp_copy_sends_one_stat_open_and_close_per_file(
+        sshd: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round trips bound a directory of small files (benchmarks/staging.py): per file one
+    stat, one open, the data's reads (pipelined) and one close; fsspec's get_file alone
+    would stat three times and read once more to see the end of the file."""
+    root = tmp_path / "remote"
+    files = {"d/empty": b"", "d/small": os.urandom(1000),
+             "d/chunks": os.urandom(3 * 32768 + 5)}  # four read requests of at most 32 KiB
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    with Datastore({}, sftp_url(sshd, root)) as store:
+        fs, rpath = store.resolve(parse_remote("default:d/"))
+        ftp = fs.ftp
+        sent: list[int] = []
+        real = ftp._async_request
+
+        def counting(fileobj: object, t: int, *args: object) -> object:
+            sent.append(t)
+            return real(fileobj, t, *args)
+
+        monkeypatch.setattr(ftp, "_async_request", counting)
+        files_seen = datastore.copy_in(fs, rpath, tmp_path / "local")
+    assert read_tree(tmp_path / "local") == {k[2:]: v for k, v in files.items()}
+    assert files_seen == sum(len(v) for v in files.values())
+    per_kind = {t: sent.count(t) for t in set(sent)}
+    sftp = paramiko.sftp
+    assert per_kind.get(sftp.CMD_STAT) == 1 + len(files)  # the directory's, then each file's
+    assert per_kind.get(sftp.CMD_OPEN) == len(files)
+    # the listing closes its directory handles too
+    assert per_kind.get(sftp.CMD_CLOSE) == len(files) + per_kind[sftp.CMD_OPENDIR]
+    assert per_kind.get(sftp.CMD_READ) == 0 + 1 + 4  # no read past the end
+
+
 def test_missing_remote_file_is_a_clear_error(store: Datastore, tmp_path: Path) -> None:
     fs, rpath = store.resolve(parse_remote("data:no/such/file.txt"))
     with pytest.raises(RemoteNotFoundError, match=r"no/such/file\.txt"):

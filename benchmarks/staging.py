@@ -1,0 +1,285 @@
+"""Benchmark 7: stage-in from an SFTP datastore vs scp, and many small files vs tar over ssh.
+
+    .venv/bin/python benchmarks/run.py staging                     # 512 MiB; 10,000 x 1 KiB; 3 runs
+    .venv/bin/python benchmarks/run.py staging --parts big --big-mib 256 --repeat 5
+
+A real OpenSSH sshd on 127.0.0.1 (tests/sshd.py, ``Subsystem sftp
+internal-sftp``) serves a directory in a temporary directory; the copies land
+in another directory on the same filesystem, emptied between runs. The
+datastore is ``sftp://USER@127.0.0.1:PORT/DIR?key_filename=K&known_hosts=KH``
+(the URL form a worker's bucket takes; fsspec's SFTP filesystem on paramiko),
+and ecloud's copy is what an attempt does to stage in an input without a
+cache: open the bucket (worker/datastore.py ``Datastore``: a new SSH login per
+attempt), ``copy_in`` (``get_file`` per file; a directory input, ``data:small/``,
+is listed with ``find`` and copied file by file), close it. The contenders use
+the same key and sshd, the login included:
+
+- big: one file of ``--big-mib`` MiB (random bytes) vs ``scp`` of it (OpenSSH
+  9's scp speaks SFTP to internal-sftp too). Ratio: scp's seconds / ecloud's
+  (throughput ratio). Goal >= 0.8 (stretch >= 1.0).
+- small: ``--files`` files of ``--file-bytes`` bytes in directories of 100, as
+  one directory input, vs ``ssh HOST tar -C SRC -cf - . | tar -C DST -xf -``
+  (the pull form of ``tar | ssh tar``, in the direction a stage-in goes).
+  Ratio: ecloud's seconds / tar's. Goal <= 2.
+
+Every copy is checked (size and file count; the big file's bytes once).
+Each part runs ``--repeat`` times, the contenders interleaved; medians of the
+per-run ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import quote
+
+# a script, not a package module: make the repository importable (worker, tests.sshd)
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.run import Cell, Report, print_report  # noqa: E402
+from benchmarks.shell_tasks import BenchError, median_or_none, timed_command  # noqa: E402
+from protocol.document import RemotePath  # noqa: E402
+from tests.sshd import Sshd, start_sshd  # noqa: E402
+from worker.datastore import Datastore, copy_in  # noqa: E402
+
+NAME = "staging"
+TINY_ARGS = ["--big-mib", "8", "--files", "200", "--repeat", "1"]
+FULL_ARGS: list[str] = []  # the defaults: 512 MiB, 10,000 x 1 KiB, 3 runs
+REPEATS = True
+
+BIG_GOAL, BIG_STRETCH = 0.8, 1.0
+SMALL_GOAL = 2.0
+PER_DIR = 100  # small files per directory
+BOUND = 900.0  # seconds one copy may take: a bound, not an expectation
+
+
+# --- the data -----------------------------------------------------------------------------
+
+def make_big(path: Path, mib: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))  # random: nothing along the way can compress it
+
+
+def make_small(top: Path, files: int, size: int) -> None:
+    for i in range(files):
+        d = top / f"d{i // PER_DIR:03d}"
+        if i % PER_DIR == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:05d}").write_bytes(os.urandom(size))
+
+
+def census(top: Path) -> tuple[int, int]:
+    """(regular files, bytes) under top."""
+    n = total = 0
+    for dirpath, _, names in os.walk(top):
+        for name in names:
+            n += 1
+            total += os.path.getsize(os.path.join(dirpath, name))
+    return n, total
+
+
+# --- the contenders -----------------------------------------------------------------------
+
+def bucket_url(sshd: Sshd, root: Path) -> str:
+    return (f"sftp://{sshd.user}@{sshd.host}:{sshd.port}{quote(str(root))}"
+            f"?key_filename={quote(str(sshd.client_key_path))}"
+            f"&known_hosts={quote(str(sshd.known_hosts_path))}")
+
+
+def ecloud_stage_in(url: str, remote: str, dest: Path) -> float:
+    """Seconds to stage ``data:remote`` into ``dest`` as an attempt does (no cache)."""
+    start = time.perf_counter()
+    with Datastore({"data": url}, url) as store:
+        fs, rpath = store.resolve(RemotePath("data", remote))
+        copy_in(fs, rpath, dest)
+    return time.perf_counter() - start
+
+
+def ssh_options(sshd: Sshd) -> list[str]:
+    """The same key and pinned host key as the datastore; no user or system ssh config."""
+    return ["-F", "/dev/null", "-i", str(sshd.client_key_path), "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={sshd.known_hosts_path}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"]
+
+
+def scp_seconds(sshd: Sshd, src: Path, dest: Path) -> float:
+    return timed_command(["scp", "-q", *ssh_options(sshd), "-P", str(sshd.port),
+                          f"{sshd.user}@{sshd.host}:{src}", str(dest)], BOUND)
+
+
+def tar_seconds(sshd: Sshd, src: Path, dest: Path) -> float:
+    dest.mkdir(parents=True, exist_ok=True)
+    remote = shlex.join(["tar", "-C", str(src), "-cf", "-", "."])
+    ssh = shlex.join(["ssh", *ssh_options(sshd), "-p", str(sshd.port),
+                      f"{sshd.user}@{sshd.host}", remote])
+    return timed_command(["bash", "-o", "pipefail", "-c",
+                          f"{ssh} | tar -C {shlex.quote(str(dest))} -xf -"], BOUND)
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+def measure(big_mib: int, files: int, file_bytes: int, repeat: int, parts: list[str]) -> Report:
+    rows: list[dict[str, Cell]] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="ecloud-bench-staging-") as tmp:
+        root = Path(tmp)
+        src, dst = root / "src", root / "dst"
+        sshd = start_sshd(root)
+        try:
+            url = bucket_url(sshd, src)
+            if "big" in parts:
+                make_big(src / "big.bin", big_mib)
+                r, n = big_part(sshd, url, src, dst, big_mib, repeat)
+                rows += r
+                notes += n
+            if "small" in parts:
+                make_small(src / "small", files, file_bytes)
+                r, n = small_part(sshd, url, src, dst, files, file_bytes, repeat)
+                rows += r
+                notes += n
+        finally:
+            sshd.stop()
+    notes.append("Both sides on one filesystem under /tmp, the source in the page cache; "
+                 "each time includes the SSH login (ecloud opens its bucket per attempt).")
+    columns = ["part", "contender", "how", "runs", "median s", "min s", "max s", "MB/s",
+               "files/s", "ratio"]
+    used = [c for c in columns if any(c in r for r in rows)]
+    return Report(title=f"staging: SFTP datastore stage-in vs scp and tar over ssh, "
+                        f"{repeat} run(s) each", columns=used, rows=rows, notes=notes)
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def big_part(sshd: Sshd, url: str, src: Path, dst: Path, mib: int, repeat: int
+             ) -> tuple[list[dict[str, Cell]], list[str]]:
+    size = mib << 20
+    runs: dict[str, list[float]] = {"ecloud": [], "scp": []}
+    ratios: list[float] = []
+    copies: dict[str, Callable[[Path], float]] = {
+        "ecloud": lambda d: ecloud_stage_in(url, "big.bin", d),
+        "scp": lambda d: scp_seconds(sshd, src / "big.bin", d),
+    }
+    for i in range(repeat):
+        got: dict[str, float] = {}
+        for name, copy in copies.items():
+            out = fresh(dst) / "big.bin"
+            got[name] = copy(out)
+            if out.stat().st_size != size or (i == 0 and not filecmp.cmp(
+                    src / "big.bin", out, shallow=False)):
+                raise BenchError(f"staging: {name} copied {out.stat().st_size} bytes of "
+                                 f"{size}, or other bytes")
+            runs[name].append(got[name])
+            print(f"staging: big run {i + 1}/{repeat} {name}: {got[name]:.2f} s "
+                  f"({size / got[name] / 1e6:,.0f} MB/s) load {load()}",
+                  file=sys.stderr, flush=True)
+        ratios.append(got["scp"] / got["ecloud"])
+    shutil.rmtree(dst, ignore_errors=True)
+    ratio = median_or_none(ratios)
+    rows: list[dict[str, Cell]] = []
+    for name, how in (("ecloud", "Datastore + copy_in (get_file: fsspec sftp, paramiko)"),
+                      ("scp", "scp -P PORT USER@127.0.0.1:SRC DST")):
+        xs = runs[name]
+        med = statistics.median(xs)
+        rows.append({"part": f"big: 1 x {mib} MiB", "contender": name, "how": how,
+                     "runs": len(xs), "median s": med, "min s": min(xs), "max s": max(xs),
+                     "MB/s": round(size / med / 1e6), "ratio": ratio if name == "ecloud"
+                     else None})
+    assert ratio is not None
+    verdict = ("met" if ratio >= BIG_GOAL else f"NOT met (short by {BIG_GOAL - ratio:.2f})") + (
+        "; stretch met" if ratio >= BIG_STRETCH else "")
+    notes = [f"big: ecloud's throughput is {ratio:.2f}x scp's (scp s / ecloud s per run, "
+             f"median of {len(ratios)}: {', '.join(f'{r:.2f}' for r in ratios)}); goal >= "
+             f"{BIG_GOAL}x: {verdict} (stretch {BIG_STRETCH}x)"]
+    return rows, notes
+
+
+def small_part(sshd: Sshd, url: str, src: Path, dst: Path, files: int, file_bytes: int,
+               repeat: int) -> tuple[list[dict[str, Cell]], list[str]]:
+    runs: dict[str, list[float]] = {"ecloud": [], "tar": []}
+    ratios: list[float] = []
+    copies: dict[str, Callable[[Path], float]] = {
+        "ecloud": lambda d: ecloud_stage_in(url, "small/", d),
+        "tar": lambda d: tar_seconds(sshd, src / "small", d),
+    }
+    for i in range(repeat):
+        got: dict[str, float] = {}
+        for name, copy in copies.items():
+            out = fresh(dst) / "small"
+            got[name] = copy(out)
+            if census(out) != (files, files * file_bytes):
+                raise BenchError(f"staging: {name} copied {census(out)} (files, bytes) of "
+                                 f"{(files, files * file_bytes)}")
+            runs[name].append(got[name])
+            print(f"staging: small run {i + 1}/{repeat} {name}: {got[name]:.2f} s "
+                  f"({files / got[name]:,.0f} files/s) load {load()}",
+                  file=sys.stderr, flush=True)
+        ratios.append(got["ecloud"] / got["tar"])
+    shutil.rmtree(dst, ignore_errors=True)
+    ratio = median_or_none(ratios)
+    rows: list[dict[str, Cell]] = []
+    for name, how in (("ecloud", "directory input data:small/ (find + get_file per file)"),
+                      ("tar", "ssh HOST tar -C SRC -cf - . | tar -C DST -xf -")):
+        xs = runs[name]
+        med = statistics.median(xs)
+        rows.append({"part": f"small: {files:,} x {file_bytes:,} B", "contender": name,
+                     "how": how, "runs": len(xs), "median s": med, "min s": min(xs),
+                     "max s": max(xs), "files/s": round(files / med),
+                     "ratio": ratio if name == "ecloud" else None})
+    assert ratio is not None
+    verdict = "met" if ratio <= SMALL_GOAL else f"NOT met ({ratio / SMALL_GOAL:.1f}x over it)"
+    notes = [f"small: ecloud takes {ratio:.2f}x tar's time (ecloud s / tar s per run, median "
+             f"of {len(ratios)}: {', '.join(f'{r:.2f}' for r in ratios)}); goal <= "
+             f"{SMALL_GOAL:.0f}x: {verdict}"]
+    return rows, notes
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="staging", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--big-mib", type=int, default=512, help="the big file, MiB (default 512)")
+    ap.add_argument("--files", type=int, default=10_000, help="small files (default 10,000)")
+    ap.add_argument("--file-bytes", type=int, default=1024, help="each small file's size "
+                    "(default 1 KiB)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each (default 3)")
+    ap.add_argument("--parts", nargs="+", choices=("big", "small"), default=["big", "small"])
+    return ap
+
+
+def run(argv: list[str]) -> Report:
+    args = parser().parse_args(argv)
+    if min(args.big_mib, args.files, args.file_bytes, args.repeat) < 1:
+        raise SystemExit("staging: --big-mib, --files, --file-bytes and --repeat must be >= 1")
+    for tool in ("scp", "ssh", "tar", "bash"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"staging: {tool} is not installed (apt-get install "
+                             "openssh-client tar bash)")
+    return measure(args.big_mib, args.files, args.file_bytes, args.repeat, args.parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    print_report(run(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
