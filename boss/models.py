@@ -123,7 +123,8 @@ class Attempt(Base):
         Index("ix_attempts_task_id", "task_id"),
         # the reaper: running attempts by lease expiry
         Index("ix_attempts_state_lease", "state", "lease_expires_at"),
-        Index("ix_attempts_worker_id", "worker_id"),
+        # a worker's running attempts (events, heartbeats); by worker alone via its prefix
+        Index("ix_attempts_worker_state", "worker_id", "state"),
     )
 
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Select, bindparam, exists, insert, select, update
+from sqlalchemy import Connection, Executable, Select, bindparam, exists, insert, select, update
 from sqlalchemy.orm import aliased
 
 from boss.errors import InvalidState, NotFound
@@ -47,7 +47,19 @@ _CLAIM = (
     .values(state=T.RUNNING, updated_at=bindparam("p_now"))
     .returning(Task.id, Task.name, Task.document, Task.tries, Task.lost, Task.priority)
 )
-_OPEN = insert(Attempt).returning(Attempt.id, Attempt.task_id, sort_by_parameter_order=True)
+_OPENS: dict[int, Executable] = {}
+
+
+def _open(n: int) -> Executable:
+    """INSERT of n attempts in one statement (RETURNING gives each its task: order is free)."""
+    stmt = _OPENS.get(n)
+    if stmt is None:
+        stmt = _OPENS[n] = insert(Attempt).values([
+            {"task_id": bindparam(f"p_task{k}"), "number": bindparam(f"p_number{k}"),
+             "worker_id": bindparam("p_worker"), "state": A.RUNNING,
+             "started_at": bindparam("p_now"), "lease_expires_at": bindparam("p_lease")}
+            for k in range(n)]).returning(Attempt.id, Attempt.task_id)
+    return stmt
 
 
 def claim(conn: Connection, worker_id: int, n: int, lease: float, now: float) -> list[Assignment]:
@@ -59,11 +71,12 @@ def claim(conn: Connection, worker_id: int, n: int, lease: float, now: float) ->
         return []
     # RETURNING order is unspecified: hand them out in claim order
     rows = sorted(rows, key=lambda r: (-r.priority, r.id))
-    attempts = [
-        fast.execute(conn, _OPEN, {
-            "task_id": r.id, "number": r.tries + r.lost + 1, "worker_id": worker_id,
-            "state": A.RUNNING, "started_at": now, "lease_expires_at": now + lease})[0]
-        for r in rows]
+    values: dict[str, object] = {"p_worker": worker_id, "p_now": now,
+                                 "p_lease": now + lease}
+    for k, r in enumerate(rows):
+        values[f"p_task{k}"] = r.id
+        values[f"p_number{k}"] = r.tries + r.lost + 1
+    attempts = fast.execute(conn, _open(len(rows)), values)
     by_task = {r.id: r for r in rows}
     out = []
     for attempt_id, task_id in attempts:
@@ -101,9 +114,7 @@ def unheard(conn: Connection, worker_id: int, known: Sequence[int], started_befo
     attempts. A worker holds few attempts, so they are filtered here, not in SQL.
     """
     mine = set(known)
-    rows = conn.execute(
-        select(Attempt.id, Attempt.started_at)
-        .where(Attempt.worker_id == worker_id, Attempt.state == A.RUNNING)).all()
+    rows = fast.execute(conn, _RUNNING_OF, {"p_worker": worker_id})
     ids = [r.id for r in rows if r.id not in mine and r.started_at < started_before]
     if not ids:
         return []
@@ -334,8 +345,8 @@ def running_tasks_of(conn: Connection, worker_id: int, attempt_ids: set[int]
         return {}
     # a worker runs a few attempts: all of them, filtered here, make one statement to cache
     rows = fast.execute(conn, _RUNNING_OF, {"p_worker": worker_id})
-    return {int(a): int(t) for a, t in rows if a in attempt_ids}
+    return {int(r.id): int(r.task_id) for r in rows if r.id in attempt_ids}
 
 
-_RUNNING_OF = select(Attempt.id, Attempt.task_id).where(
+_RUNNING_OF = select(Attempt.id, Attempt.task_id, Attempt.started_at).where(
     Attempt.worker_id == bindparam("p_worker"), Attempt.state == A.RUNNING)
