@@ -18,8 +18,6 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from boss import db
 from boss.errors import DatabaseError, NotInitialised
 
-BULK_CACHE_KIB = 256 * 1024  # SQLite page cache of a push's connection
-
 
 class Store:
     def __init__(self, engine: Engine) -> None:
@@ -42,22 +40,20 @@ class Store:
 
         The push's edges only name tasks it inserts or has just looked up under
         the same write lock, so SQLite's per-row foreign key lookups are
-        skipped; a larger page cache keeps the name and edge indexes of a
-        million-task push in memory. Both are connection settings that SQLite
-        ignores inside a transaction, hence set before it begins and reset after.
+        skipped. That is a connection setting that SQLite ignores inside a
+        transaction, hence set before it begins and reset after. (A larger page
+        cache was tried too: 270 MB more memory at 1M tasks for no measurable gain.)
         """
         with self._translate(), self.engine.connect() as conn:
             raw: Any = conn.connection.driver_connection if self.dialect == "sqlite" else None
             if raw is not None:
                 raw.execute("PRAGMA foreign_keys=OFF")
-                raw.execute(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
             try:
                 with conn.begin():
                     yield conn
             finally:
                 if raw is not None:
                     raw.execute("PRAGMA foreign_keys=ON")
-                    raw.execute("PRAGMA cache_size=-2000")
 
     @contextmanager
     def ro(self) -> Iterator[Connection]:
