@@ -57,7 +57,6 @@ from benchmarks.shell_tasks import (  # noqa: E402
     BenchError,
     Unavailable,
     bound_for,
-    free_port,
     gnu_parallel,
     scrubbed_env,
     spawn,
@@ -70,6 +69,7 @@ from benchmarks.shell_tasks import (  # noqa: E402
     version_of,
     wait_listening,
 )
+from tests.ports import free_port  # noqa: E402
 
 NAME = "peers"
 TINY_ARGS = ["--tasks", "20", "--repeat", "1"]

@@ -68,13 +68,13 @@ if str(ROOT) not in sys.path:
 from benchmarks.run import Cell, Report, print_report  # noqa: E402
 from benchmarks.shell_tasks import (  # noqa: E402
     BIN,
-    free_port,
     scrubbed_env,
     spawn,
     stop,
     tail,
     wait_listening,
 )
+from tests.ports import free_port  # noqa: E402
 
 NAME = "rpc_capacity"
 TINY_ARGS = ["--tasks", "120", "--workers", "3", "--modes", "single", "batch",

@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import Cell, Report, print_report  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 NAME = "shell_tasks"
 TINY_ARGS = ["--tasks", "30", "--slots", "2", "--repeat", "1"]
@@ -79,11 +80,6 @@ def scrubbed_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:

@@ -41,7 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# a script, not a package module: make the repository importable (tests.ports)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from boss import wfcommons
+from tests.ports import free_port
 
 NAME = "wfcommons"
 SMALL = ["blast-chameleon-small-001", "bwa-chameleon-small-001"]
@@ -92,11 +96,6 @@ class RunFailed(Exception):
     """A run did not finish cleanly; the message says what happened."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = 30.0) -> None:

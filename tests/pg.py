@@ -10,18 +10,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ports import free_port
 
 
 def _bindir() -> Path | None:
@@ -94,7 +89,7 @@ def start() -> tuple[PgServer | None, str]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(sockdir, "postgres")
-    port = _free_port()
+    port = free_port()
     user = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
     try:
         _as_postgres([str(bindir / "initdb"), "-D", str(datadir), "-U", user, "-A", "trust",

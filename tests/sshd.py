@@ -30,6 +30,8 @@ from types import TracebackType
 
 import pytest
 
+from tests.ports import free_port
+
 SSHD = Path("/usr/sbin/sshd")
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0  # seconds; sshd listens within ~10 ms, this is only a backstop
@@ -67,11 +69,6 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _free_port(host: str = HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -211,7 +208,7 @@ def start_sshd(tmp_path: Path, authorized_keys: list[str] | None = None,
 
     prefix = ["ip", "netns", "exec", netns] if netns else []
     for _ in range(_PORT_ATTEMPTS):
-        port = port or _free_port(host)
+        port = port or free_port(host)
         config_path.write_text(_config(root, host, port, extra_config))
         log_path.write_text("")
         # stderr to a file, not a pipe: nobody drains a pipe while sshd runs, and an

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.podman_image import ensure_image, podman_missing_reason
+from tests.ports import free_port
 from tests.sshd import Sshd, sshd  # noqa: F401  (the fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,11 +31,6 @@ BIN = Path(sys.executable).parent
 TIMEOUT = 120  # a bound on a hung command, never an assertion about speed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Site:

@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from tests.ports import free_port
 from tests.waiting import wait_for
 
 BIN = Path(sys.executable).parent
@@ -45,11 +46,6 @@ DEAD_SECONDS = 1.5  # the boss stays down this long: workers see refused connect
 BOUND = 90.0  # seconds; a bound on waiting, never an assertion about speed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

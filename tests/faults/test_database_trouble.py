@@ -37,6 +37,7 @@ from protocol.settings import Settings
 from tests import pg
 from tests.bossd import serving
 from tests.conftest import fresh_pg_url, make_settings
+from tests.ports import free_port
 from tests.waiting import wait_for
 from worker.attempt import AttemptEnv
 from worker.client import BossClient
@@ -219,11 +220,6 @@ def test_sqlite_locked_longer_than_busy_timeout(sqlite_boss: Boss, tmp_path: Pat
     assert "Traceback" not in log
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.mark.postgres

@@ -19,12 +19,10 @@ Needs root (network namespaces); skipped, saying why, otherwise.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -37,11 +35,12 @@ import pytest
 
 from boss.keys import authorized_keys_line
 from boss.service import Boss
-from protocol.errors import Code, ProtocolError
-from protocol.messages import Assignment, Result
+from protocol.errors import Code
+from protocol.messages import Assignment
 from protocol.settings import WorkerSettings
 from tests.bossd import serving
 from tests.conftest import make_settings
+from tests.faults.late_reports import attempts_and_tasks, late_complete, query
 from tests.netns import HostPool, can_make_namespaces, host_pool
 from tests.sshd import Sshd, ssh_keygen, start_sshd
 from tests.waiting import wait_for
@@ -73,11 +72,6 @@ def _bridge_side(netns: str) -> str:
         if idx == m.group(1):
             return rest.split("@", 1)[0].split(":", 1)[0]
     raise AssertionError(f"the peer of {netns}'s veth (ifindex {m.group(1)}) is not here")
-
-
-def _query(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with contextlib.closing(sqlite3.connect(db, timeout=30)) as c:
-        return list(c.execute(sql, args).fetchall())
 
 
 @pytest.fixture
@@ -154,9 +148,9 @@ def test_cut_past_the_lease_then_restored(tmp_path: Path, pool1: HostPool) -> No
             boss.push(victim)
 
             def attempts() -> list[tuple[Any, ...]]:
-                return _query(db, "SELECT a.id, a.worker_id, a.state FROM attempts a "
-                                  "JOIN tasks t ON t.id = a.task_id WHERE t.name = 'victim' "
-                                  "ORDER BY a.id")
+                return query(db, "SELECT a.id, a.worker_id, a.state FROM attempts a "
+                                 "JOIN tasks t ON t.id = a.task_id WHERE t.name = 'victim' "
+                                 "ORDER BY a.id")
 
             wait_for(lambda: attempts() and attempts()[0][1:] == (cut_id, "running"),
                      "the namespace worker to run the victim task", BOUND)
@@ -172,7 +166,7 @@ def test_cut_past_the_lease_then_restored(tmp_path: Path, pool1: HostPool) -> No
                            {**env, "ECLOUD_WORKER_WORKDIR": str(tmp_path / "work-other")},
                            tmp_path)
             procs.append(other)
-            wait_for(lambda: _query(db, "SELECT state FROM workers WHERE id = ?", other_id)
+            wait_for(lambda: query(db, "SELECT state FROM workers WHERE id = ?", other_id)
                      == [("idle",)], "the second worker to join", BOUND)
 
             _ip("link", "set", link, "down")
@@ -183,7 +177,7 @@ def test_cut_past_the_lease_then_restored(tmp_path: Path, pool1: HostPool) -> No
                     "the victim to be found lost and run by the other worker", BOUND)
                 second = attempts()[1][0]
                 (tmp_path / f"gate-{second}").write_text("")
-                wait_for(lambda: _query(db, "SELECT state FROM tasks WHERE name = 'victim'")
+                wait_for(lambda: query(db, "SELECT state FROM tasks WHERE name = 'victim'")
                          == [("succeeded",)], "the victim to succeed elsewhere", BOUND)
                 # then the cut worker's copy ends too, with the link still down, and
                 # uploads its output to a temporary name: publishing it would replace
@@ -213,26 +207,24 @@ def test_cut_past_the_lease_then_restored(tmp_path: Path, pool1: HostPool) -> No
             wait_for(lambda: "no longer current" in cut_log.read_text(errors="replace"),
                      "the cut worker's late report to be refused", BOUND)
             # whether the worker's own connection lived through the cut or was made anew
-            hellos = _query(db, "SELECT count(*) FROM events WHERE kind = 'worker.joined' "
-                                "AND worker_id = ?", cut_id)[0][0]
-            before = (_query(db, "SELECT * FROM attempts ORDER BY id"),
-                      _query(db, "SELECT id, state, tries, lost FROM tasks ORDER BY id"))
-            explicit = _late_complete(server.port, _token_of(tmp_path), first)
-            after = (_query(db, "SELECT * FROM attempts ORDER BY id"),
-                     _query(db, "SELECT id, state, tries, lost FROM tasks ORDER BY id"))
+            hellos = query(db, "SELECT count(*) FROM events WHERE kind = 'worker.joined' "
+                               "AND worker_id = ?", cut_id)[0][0]
+            before = attempts_and_tasks(db)
+            explicit = late_complete(server.port, _token_of(tmp_path), first)
+            after = attempts_and_tasks(db)
 
             more = tmp_path / "after.jsonl"
             more.write_text("".join(json.dumps({"name": f"after-{i}", "commands": [
                 {"command": ["true"]}]}) + "\n" for i in range(AFTER)))
             boss.push(more)
-            wait_for(lambda: _query(db, "SELECT count(*) FROM tasks WHERE state = 'succeeded'"
+            wait_for(lambda: query(db, "SELECT count(*) FROM tasks WHERE state = 'succeeded'"
                                     )[0][0] == AFTER + 1,
                      "the cut worker to finish the new tasks", BOUND)
             assert _stop(procs[0]) == 0
             summary = _summary(cut_log)
-            ran_after = _query(db, "SELECT DISTINCT a.worker_id FROM attempts a JOIN tasks t "
-                                   "ON t.id = a.task_id WHERE t.name LIKE 'after-%' AND "
-                                   "a.state = 'succeeded'")
+            ran_after = query(db, "SELECT DISTINCT a.worker_id FROM attempts a JOIN tasks t "
+                                  "ON t.id = a.task_id WHERE t.name LIKE 'after-%' AND "
+                                  "a.state = 'succeeded'")
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -285,19 +277,6 @@ def _worker_in_netns(boss: Boss, boss_sshd: Sshd, rpc_port: int, netns: str, key
          "--token-file", str(root / "cut.token"), "--slots", "1"],
         log, {**env, "ECLOUD_WORKER_WORKDIR": str(root / "work-cut")}, root))
     return wid, log
-
-
-def _late_complete(port: int, token: str, attempt_id: int) -> str:
-    """``complete`` (succeeded) for ``attempt_id`` as the worker ``token``: the error code
-    the boss answered, or "accepted"."""
-    client = BossClient(TcpTransport("127.0.0.1", port), token, slots=1, give_up_after=10)
-    try:
-        client.call("complete", Result(attempt_id, "succeeded", exit_status=0).to_wire())
-    except ProtocolError as exc:
-        return str(exc.code)
-    finally:
-        client.close()
-    return "accepted"
 
 
 def test_an_attempt_past_its_lease_publishes_nothing(tmp_path: Path) -> None:

@@ -33,20 +33,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from boss.lifecycle import MAX_LOST
 from boss.server import Server
 from boss.service import Boss
-from protocol.errors import Code, ProtocolError
-from protocol.messages import Result
+from protocol.errors import Code
 from tests.bossd import serving
 from tests.conftest import make_settings
+from tests.faults.late_reports import attempts_and_tasks, late_complete, query
 from tests.waiting import wait_for
-from worker.client import BossClient
-from worker.transport import TcpTransport
 
 TRIALS = 100
 WORKERS = 8
@@ -148,8 +145,8 @@ class Fleet:
         self.boss.push(batch)
 
     def holds_attempt(self, slot: int) -> bool:
-        (n,) = _query(self.root / "boss.db", "SELECT count(*) FROM attempts WHERE state = "
-                      f"'running' AND worker_id = {self.ids[slot]}")[0]
+        (n,) = query(self.root / "boss.db", "SELECT count(*) FROM attempts WHERE state = "
+                     f"'running' AND worker_id = {self.ids[slot]}")[0]
         return bool(n)
 
     def runs_command(self, slot: int) -> bool:
@@ -204,25 +201,6 @@ def _ready(db: Path) -> int:
         return int(n)
 
 
-def _query(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    with contextlib.closing(sqlite3.connect(db, timeout=30)) as c:
-        return list(c.execute(sql).fetchall())
-
-
-def _late_complete(port: int, token: str, attempt_id: int) -> str:
-    """Send ``complete`` (succeeded) for ``attempt_id`` as the worker ``token``; the error
-    code the boss answered with, or "accepted"."""
-    client = BossClient(TcpTransport("127.0.0.1", port), token, slots=1, give_up_after=10)
-    try:
-        client.call("complete", Result(attempt_id, "succeeded", exit_status=0,
-                                       metrics={"wall": 0.1}).to_wire())
-    except ProtocolError as exc:
-        return str(exc.code)
-    finally:
-        client.close()
-    return "accepted"
-
-
 def test_workers_and_commands_killed_100_times(fleet: Fleet) -> None:
     seed = _seed()
     rng = random.Random(seed)
@@ -231,7 +209,7 @@ def test_workers_and_commands_killed_100_times(fleet: Fleet) -> None:
     fleet.push(BATCH * 2, rng)
     for slot in range(WORKERS):
         fleet.start(slot)
-    wait_for(lambda: _query(db, "SELECT count(*) FROM tasks WHERE state = 'succeeded'")[0][0]
+    wait_for(lambda: query(db, "SELECT count(*) FROM tasks WHERE state = 'succeeded'")[0][0]
              >= WORKERS, "the workers to start working", BOUND)
 
     schedule: list[str] = []  # what each trial did, to read beside the seed on failure
@@ -278,15 +256,15 @@ def test_workers_and_commands_killed_100_times(fleet: Fleet) -> None:
               + " ".join(schedule))
     trials_wall = time.monotonic() - t0
 
-    wait_for(lambda: _query(db, "SELECT count(*) FROM tasks WHERE state != 'succeeded'"
+    wait_for(lambda: query(db, "SELECT count(*) FROM tasks WHERE state != 'succeeded'"
                             )[0][0] == 0,
              "every task to succeed after the last kill", BOUND)
     fleet.check_alive()
     # stop the survivors the gentle way: they finish and say goodbye (once started: a
     # worker still importing its modules has no SIGTERM handler yet)
     ids = ",".join(map(str, fleet.ids))
-    wait_for(lambda: _query(db, f"SELECT count(*) FROM workers WHERE id IN ({ids}) AND "
-                            "state = 'provisioning'")[0][0] == 0,
+    wait_for(lambda: query(db, f"SELECT count(*) FROM workers WHERE id IN ({ids}) AND "
+                           "state = 'provisioning'")[0][0] == 0,
              "the last workers started to join", BOUND)
     for proc in fleet.procs:
         proc.send_signal(signal.SIGTERM)
@@ -294,29 +272,28 @@ def test_workers_and_commands_killed_100_times(fleet: Fleet) -> None:
         assert proc.wait(timeout=BOUND) == 0, "a worker did not stop cleanly on SIGTERM"
     wall = time.monotonic() - t0
 
-    tasks = dict(_query(db, "SELECT state, count(*) FROM tasks GROUP BY state"))
-    attempts = dict(_query(db, "SELECT state, count(*) FROM attempts GROUP BY state"))
-    lost_why = dict(_query(db, "SELECT reason, count(*) FROM attempts WHERE state = 'lost' "
-                               "GROUP BY reason"))
-    wins = _query(db, "SELECT t.name, count(a.id) FROM tasks t LEFT JOIN attempts a "
-                      "ON a.task_id = t.id AND a.state = 'succeeded' GROUP BY t.id")
-    most = _query(db, "SELECT max(tries), max(lost) FROM tasks")[0]
+    tasks: dict[str, int] = dict(query(db, "SELECT state, count(*) FROM tasks GROUP BY state"))
+    attempts: dict[str, int] = dict(query(
+        db, "SELECT state, count(*) FROM attempts GROUP BY state"))
+    lost_why: dict[str, int] = dict(query(
+        db, "SELECT reason, count(*) FROM attempts WHERE state = 'lost' GROUP BY reason"))
+    wins = query(db, "SELECT t.name, count(a.id) FROM tasks t LEFT JOIN attempts a "
+                     "ON a.task_id = t.id AND a.state = 'succeeded' GROUP BY t.id")
+    most = query(db, "SELECT max(tries), max(lost) FROM tasks")[0]
     # attempts whose worker kept them from publishing: their lease was not renewed in time
-    fenced = _query(db, "SELECT count(*) FROM attempts WHERE reason LIKE "
-                        "'outputs not published%'")[0][0]
-    dead = _query(db, "SELECT id, worker_id, task_id FROM attempts WHERE state = 'lost' AND "
-                      f"worker_id IN ({','.join(map(str, fleet.killed)) or '0'}) ORDER BY id")
+    fenced = query(db, "SELECT count(*) FROM attempts WHERE reason LIKE "
+                       "'outputs not published%'")[0][0]
+    dead = query(db, "SELECT id, worker_id, task_id FROM attempts WHERE state = 'lost' AND "
+                     f"worker_id IN ({','.join(map(str, fleet.killed)) or '0'}) ORDER BY id")
     out = fleet.root / "data" / "out"
     missing = [name for name, _ in wins
                if not (out / name).is_file() or (out / name).read_text().strip() != name]
 
     # late reports from the dead: each lost attempt of a killed worker, with its token
-    before = (_query(db, "SELECT * FROM attempts ORDER BY id"),
-              _query(db, "SELECT id, state, tries, lost FROM tasks ORDER BY id"))
-    answers = [_late_complete(fleet.server.port, fleet.tokens[wid], aid)
+    before = attempts_and_tasks(db)
+    answers = [late_complete(fleet.server.port, fleet.tokens[wid], aid)
                for aid, wid, _ in dead]
-    after = (_query(db, "SELECT * FROM attempts ORDER BY id"),
-             _query(db, "SELECT id, state, tries, lost FROM tasks ORDER BY id"))
+    after = attempts_and_tasks(db)
     refused = answers.count(str(Code.NOT_CURRENT))
 
     print(f"  kills: {worker_kills} workers (kill -9 of the daemon and its command), "

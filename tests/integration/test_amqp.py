@@ -61,16 +61,13 @@ from boss.store import events as event_rows  # noqa: E402
 from protocol.messages import Result  # noqa: E402
 from tests.conftest import fresh_pg_url, make_settings  # noqa: E402
 from tests.integration.test_transitions import push, task  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 SBIN = Path("/usr/lib/rabbitmq/bin")
 START_SECONDS = 60.0
 WAIT_SECONDS = 20.0  # for messages to arrive; they normally take well under a second
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -79,9 +76,9 @@ class Broker:
 
     root: Path
     node: str = field(default_factory=lambda: f"ecltest-{os.getpid()}@localhost")
-    port: int = field(default_factory=_free_port)
-    dist_port: int = field(default_factory=_free_port)
-    epmd_port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)
+    epmd_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 

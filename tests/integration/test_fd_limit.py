@@ -26,6 +26,7 @@ import pytest
 from boss.service import Boss
 from protocol.errors import ProtocolError
 from protocol.settings import load_settings
+from tests.ports import free_port
 from tests.waiting import wait_for
 from worker.client import BossClient
 from worker.transport import TcpTransport, TransportError
@@ -35,10 +36,6 @@ WORKERS = 120
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -55,7 +52,7 @@ def test_boss_serve_holds_more_workers_than_its_soft_fd_limit(tmp_path: Path) ->
         pytest.skip("prlimit (util-linux) is not installed")
     if hard != resource.RLIM_INFINITY and hard < 4 * WORKERS:
         pytest.skip(f"the hard limit on open files ({hard}) leaves no room to raise")
-    port = _free_port()
+    port = free_port()
     toml = tmp_path / "ecloud.toml"
     toml.write_text(f'[boss]\nlisten = "127.0.0.1:{port}"\n'
                     f'database_url = "sqlite:///{tmp_path}/boss.db"\n')

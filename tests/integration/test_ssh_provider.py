@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from tests.bossd import serving
 from tests.conftest import make_settings
 from tests.integration.test_transitions import push, states, task
 from tests.netns import HostPool, pool3  # noqa: F401  (the fixture)
+from tests.ports import free_port
 from tests.sshd import Sshd, ssh_keygen, start_sshd
 from tests.waiting import quick_pool, wait_for
 
@@ -35,11 +35,6 @@ pytestmark = pytest.mark.sshd
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from boss.keys import authorized_keys_line, generate_worker_keypair
+from tests.ports import free_port
 from tests.sshd import Sshd, start_sshd
 
 pytestmark = pytest.mark.sshd
@@ -66,11 +67,6 @@ def unix_greeter(tmp_path: Path) -> Iterator[Greeter]:
     server.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def forward(server: Sshd, key: Path, target: str) -> bytes:
