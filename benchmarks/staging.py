@@ -167,30 +167,43 @@ def fresh(path: Path) -> Path:
     return path
 
 
+def timed_rounds(part: str, copies: dict[str, Callable[[Path], float]], target: Callable[[], Path],
+                 check: Callable[[str, Path, int], None], rate: Callable[[float], str],
+                 repeat: int, dst: Path) -> dict[str, list[float]]:
+    """Each contender's copy, interleaved, ``repeat`` times; its seconds, in round order
+    (so that a ratio can be taken per round). ``check(name, copy, round)`` raises on a
+    wrong copy."""
+    runs: dict[str, list[float]] = {name: [] for name in copies}
+    for i in range(repeat):
+        for name, copy in copies.items():
+            out = target()
+            seconds = copy(out)
+            check(name, out, i)
+            runs[name].append(seconds)
+            print(f"staging: {part} run {i + 1}/{repeat} {name}: {seconds:.2f} s "
+                  f"({rate(seconds)}) load {load()}", file=sys.stderr, flush=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    return runs
+
+
 def big_part(sshd: Sshd, url: str, src: Path, dst: Path, mib: int, repeat: int
              ) -> tuple[list[dict[str, Cell]], list[str]]:
     size = mib << 20
-    runs: dict[str, list[float]] = {"ecloud": [], "scp": []}
-    ratios: list[float] = []
     copies: dict[str, Callable[[Path], float]] = {
         "ecloud": lambda d: ecloud_stage_in(url, "big.bin", d),
         "scp": lambda d: scp_seconds(sshd, src / "big.bin", d),
     }
-    for i in range(repeat):
-        got: dict[str, float] = {}
-        for name, copy in copies.items():
-            out = fresh(dst) / "big.bin"
-            got[name] = copy(out)
-            if out.stat().st_size != size or (i == 0 and not filecmp.cmp(
-                    src / "big.bin", out, shallow=False)):
-                raise BenchError(f"staging: {name} copied {out.stat().st_size} bytes of "
-                                 f"{size}, or other bytes")
-            runs[name].append(got[name])
-            print(f"staging: big run {i + 1}/{repeat} {name}: {got[name]:.2f} s "
-                  f"({size / got[name] / 1e6:,.0f} MB/s) load {load()}",
-                  file=sys.stderr, flush=True)
-        ratios.append(got["scp"] / got["ecloud"])
-    shutil.rmtree(dst, ignore_errors=True)
+
+    def check(name: str, out: Path, round_no: int) -> None:
+        # the bytes themselves are compared in the first round only
+        if out.stat().st_size != size or (round_no == 0 and not filecmp.cmp(
+                src / "big.bin", out, shallow=False)):
+            raise BenchError(f"staging: {name} copied {out.stat().st_size} bytes of "
+                             f"{size}, or other bytes")
+
+    runs = timed_rounds("big", copies, lambda: fresh(dst) / "big.bin", check,
+                        lambda t: f"{size / t / 1e6:,.0f} MB/s", repeat, dst)
+    ratios = [scp / ecloud for scp, ecloud in zip(runs["scp"], runs["ecloud"], strict=True)]
     ratio = median_or_none(ratios)
     rows: list[dict[str, Cell]] = []
     for name, how in (("ecloud", "Datastore + copy_in (get_file: fsspec sftp, paramiko)"),
@@ -212,26 +225,19 @@ def big_part(sshd: Sshd, url: str, src: Path, dst: Path, mib: int, repeat: int
 
 def small_part(sshd: Sshd, url: str, src: Path, dst: Path, files: int, file_bytes: int,
                repeat: int) -> tuple[list[dict[str, Cell]], list[str]]:
-    runs: dict[str, list[float]] = {"ecloud": [], "tar": []}
-    ratios: list[float] = []
     copies: dict[str, Callable[[Path], float]] = {
         "ecloud": lambda d: ecloud_stage_in(url, "small/", d),
         "tar": lambda d: tar_seconds(sshd, src / "small", d),
     }
-    for i in range(repeat):
-        got: dict[str, float] = {}
-        for name, copy in copies.items():
-            out = fresh(dst) / "small"
-            got[name] = copy(out)
-            if census(out) != (files, files * file_bytes):
-                raise BenchError(f"staging: {name} copied {census(out)} (files, bytes) of "
-                                 f"{(files, files * file_bytes)}")
-            runs[name].append(got[name])
-            print(f"staging: small run {i + 1}/{repeat} {name}: {got[name]:.2f} s "
-                  f"({files / got[name]:,.0f} files/s) load {load()}",
-                  file=sys.stderr, flush=True)
-        ratios.append(got["ecloud"] / got["tar"])
-    shutil.rmtree(dst, ignore_errors=True)
+
+    def check(name: str, out: Path, _round: int) -> None:
+        if census(out) != (files, files * file_bytes):
+            raise BenchError(f"staging: {name} copied {census(out)} (files, bytes) of "
+                             f"{(files, files * file_bytes)}")
+
+    runs = timed_rounds("small", copies, lambda: fresh(dst) / "small", check,
+                        lambda t: f"{files / t:,.0f} files/s", repeat, dst)
+    ratios = [ecloud / tar for ecloud, tar in zip(runs["ecloud"], runs["tar"], strict=True)]
     ratio = median_or_none(ratios)
     rows: list[dict[str, Cell]] = []
     for name, how in (("ecloud", "directory input data:small/ (find + get_file per file)"),
