@@ -43,6 +43,7 @@ from protocol.errors import Code
 from tests.bossd import serving
 from tests.conftest import make_settings
 from tests.faults.late_reports import attempts_and_tasks, late_complete, query
+from tests.processes import alive
 from tests.waiting import wait_for
 
 TRIALS = 100
@@ -74,16 +75,8 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state == "Z"
-
-
 def _all_gone(pids: list[int]) -> bool:
-    return all(_gone(pid) for pid in pids)
+    return not any(alive(pid) for pid in pids)
 
 
 def _kill(pid: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import waiting
+from tests.processes import alive
 from worker.errors import PathError
 from worker.execution import Execution, Step, base_env, run_steps, tail
 
@@ -40,15 +41,6 @@ def py(code: str, *args: str) -> Step:
 
 def sh(script: str) -> Step:
     return Step(["/bin/sh", "-c", script], "sh")
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie nobody has reaped yet counts as dead."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 def wait_for(condition: Callable[[], object], what: str) -> None:

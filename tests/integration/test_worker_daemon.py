@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from tests import waiting
 from tests.bossd import serving
 from tests.conftest import make_settings
 from tests.integration.test_transitions import push, states, task
+from tests.processes import alive
 from worker.attempt import AttemptEnv
 from worker.client import BossClient
 from worker.daemon import Summary, Worker
@@ -56,15 +56,6 @@ def start_worker(boss: Boss, server: Server, slots: int = 2, **kw: object
 
 def wait_for(condition: Callable[[], object], what: str) -> None:
     waiting.wait_for(condition, what, BOUND, every=0.05)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_cancel_kills_the_running_command(served: tuple[Boss, Server], tmp_path: Path) -> None:
