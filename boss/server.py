@@ -166,6 +166,8 @@ class Server:
         self.port = port
         self.commits = GroupCommit(boss)
         self._server: asyncio.Server | None = None
+        # asyncio.Server.close() leaves accepted connections open: close() ends these
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.scaler = scaler
         self._scaling: asyncio.Task[None] | None = None
@@ -223,6 +225,17 @@ class Server:
         self._scale_executor.shutdown(wait=True)
         if self._server is not None:
             self._server.close()
+            # a connection left open past the loop's end is destroyed while pending:
+            # its socket is then closed by the garbage collector (a ResourceWarning).
+            # One accepted just before the listener closed starts its task a loop
+            # iteration later, hence the yield and the second look.
+            for _ in range(3):
+                await asyncio.sleep(0)
+                if not self._connections:
+                    break
+                for writer in self._connections.values():
+                    writer.close()  # its reader sees the end, as if the worker hung up
+                await asyncio.gather(*self._connections, return_exceptions=True)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         self.commits.close()
@@ -266,6 +279,10 @@ class Server:
         side by side lets the calls of several slots land in one transaction.
         At most PIPELINE requests of a connection are in flight at once.
         """
+        me = asyncio.current_task()
+        if me is not None:
+            self._connections[me] = writer
+            me.add_done_callback(self._forget)
         peer = writer.get_extra_info("peername")
         conn = _Connection(peer=f"{peer[0]}:{peer[1]}" if peer else "?")
         in_flight: set[asyncio.Task[None]] = set()
@@ -316,6 +333,9 @@ class Server:
             with contextlib.suppress(ConnectionError, OSError):
                 writer.close()
                 await writer.wait_closed()
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._connections.pop(task, None)
 
     async def answer(self, conn: _Connection, line: bytes) -> bytes:
         """The reply line to one request line; never raises except Closing."""
