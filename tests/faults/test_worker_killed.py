@@ -29,7 +29,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -62,16 +62,22 @@ def _seed() -> int:
     return int(raw) if raw.strip() else DEFAULT_SEED
 
 
-def _children(pid: int) -> list[int]:
-    """The live direct children of ``pid`` (a worker's running commands), from /proc."""
-    out = []
+def _children(parents: Iterable[int]) -> dict[int, list[int]]:
+    """The live direct children of each of ``parents`` (the workers' running commands).
+
+    One pass over /proc for all of them: the boss runs in this process, and a
+    scan per worker per look held the GIL long enough to starve it on a loaded
+    machine.
+    """
+    wanted = set(parents)
+    out: dict[int, list[int]] = {pid: [] for pid in wanted}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # exited while we looked
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
+        if int(fields[1]) in wanted and fields[0] != "Z":
+            out[int(fields[1])].append(int(stat.parent.name))
     return out
 
 
@@ -137,19 +143,26 @@ class Fleet:
         batch.write_text("".join(json.dumps(d) + "\n" for d in docs))
         self.boss.push(batch)
 
-    def holds_attempt(self, slot: int) -> bool:
-        (n,) = query(self.root / "boss.db", "SELECT count(*) FROM attempts WHERE state = "
-                     f"'running' AND worker_id = {self.ids[slot]}")[0]
-        return bool(n)
+    def holding_attempts(self) -> list[bool]:
+        """For each slot: does its worker hold a running attempt?"""
+        busy = {wid for (wid,) in query(self.root / "boss.db", "SELECT DISTINCT worker_id "
+                                        "FROM attempts WHERE state = 'running'")}
+        return [wid in busy for wid in self.ids]
 
-    def runs_command(self, slot: int) -> bool:
-        return bool(_children(self.procs[slot].pid))
+    def commands(self, slot: int) -> list[int]:
+        return _children([self.procs[slot].pid])[self.procs[slot].pid]
 
-    def pick(self, first: int, has: Callable[[int], bool]) -> int | None:
-        """The first slot from ``first`` on (round) whose worker ``has`` something."""
-        for _ in range(200):  # bounded: at most ~10 s looking
+    def running_commands(self) -> list[bool]:
+        """For each slot: does its worker run a command?"""
+        kids = _children(proc.pid for proc in self.procs)
+        return [bool(kids[proc.pid]) for proc in self.procs]
+
+    def pick(self, first: int, look: Callable[[], list[bool]]) -> int | None:
+        """The first slot from ``first`` on (round) whose worker ``look`` finds busy."""
+        for _ in range(600):  # bounded: at most ~30 s of looking, for a loaded machine
+            busy = look()
             for k in range(WORKERS):
-                if has((first + k) % WORKERS):
+                if busy[(first + k) % WORKERS]:
                     return (first + k) % WORKERS
             time.sleep(0.05)
         return None
@@ -218,10 +231,11 @@ def test_workers_and_commands_killed_100_times(fleet: Fleet) -> None:
             # still starting holds no attempt, and killing it would test nothing
             first = rng.randrange(WORKERS)
             for _ in range(20):  # a short command may end between the pick and the kill
-                picked = fleet.pick(first, fleet.holds_attempt if whole else fleet.runs_command)
+                picked = fleet.pick(first, fleet.holding_attempts if whole
+                                    else fleet.running_commands)
                 assert picked is not None, f"trial {trial}: no worker has anything running"
                 proc, wid = fleet.procs[picked], fleet.ids[picked]
-                commands = _children(proc.pid)
+                commands = fleet.commands(picked)
                 if whole or commands:
                     break
             assert picked is not None and (whole or commands), f"trial {trial}: no command"
