@@ -10,8 +10,8 @@ round and W, interleaved so that the machine's noise falls on both alike:
 
 - direct: the worker reaches ``boss serve`` at ``tcp://127.0.0.1:PORT``;
 - tunnel: the worker reaches it at ``ssh://USER@127.0.0.1:SSHPORT?port=PORT``,
-  the production transport (worker/transport.py SshTunnelTransport: one SSH
-  connection, one direct-tcpip channel), through a real OpenSSH sshd on
+  the production transport (worker/transport.py SshTunnelTransport: one
+  OpenSSH ``ssh -W`` process, worker/ssh_tunnel.py), through a real OpenSSH sshd on
   127.0.0.1 (tests/sshd.py). The worker's key is a fresh ed25519 pair
   (boss.keys.generate_worker_keypair) and authorized_keys holds only its
   restricted line (boss.keys.authorized_keys_line: restrict, port-forwarding,
@@ -188,7 +188,8 @@ def report(tasks: int, slots_list: list[int], repeat: int, runners: list[str],
                      f"sshd accepted {accepted} public-key login(s) for {tunnel_runs} tunnel "
                      "run(s): some worker reconnected")
     notes.append("cpu s: user + system CPU seconds of the processes the run started (boss "
-                 "serve, the worker and its tasks; parallel and its tasks), median; sshd cpu "
+                 "serve, the worker, its ssh client and its tasks; parallel and its tasks), "
+                 "median; sshd cpu "
                  "s: sshd's own, for the tunnel (it decrypts and forwards every message).")
     columns = ["W", "contender", "how", "runs", "median s", "min s", "max s", "tasks/s",
                "vs direct", "cpu s", "sshd cpu s", "status"]

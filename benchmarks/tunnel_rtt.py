@@ -1,4 +1,4 @@
-"""Round trip of one small JSON line: SSH direct-tcpip tunnel vs direct TCP, on loopback.
+"""Round trip of one small JSON line: SSH tunnel (``ssh -W``) vs direct TCP, on loopback.
 
 Starts a real sshd (tests/sshd.py) and a JSON-lines echo server (tests/echo.py),
 opens one channel per transport and times request -> reply, one at a time, as
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         ssh_ms = measure(tunnel, args.calls)
         tcp_ms = measure(direct, args.calls)
         connect_ms = []
-        for _ in range(20):  # what a reconnect costs: new SSH login + channel
+        for _ in range(20):  # what a reconnect costs: a new ssh process, login, forward
             start = time.perf_counter()
             tunnel.connect().close()
             connect_ms.append((time.perf_counter() - start) * 1000)

@@ -16,7 +16,8 @@ settings and the ecloud version, that a provider puts in an instance's
 3. writes ``/etc/ecloud/ecloud.toml`` (the ``[worker]`` table: boss, token_file,
    ssh_key, known_hosts, slots, workdir, cache_dir and the boss's worker
    tuning) and the systemd unit ``ecloud-worker.service``;
-4. installs ``python3-venv`` when missing, makes ``/opt/ecloud/venv`` and
+4. installs ``python3-venv`` and ``openssh-client`` (the worker's tunnel is
+   ``ssh -W``) when missing, makes ``/opt/ecloud/venv`` and
    ``pip install``\ s ``ecloud==VERSION`` (the boss's own version, pinned);
 5. starts ``worker --settings /etc/ecloud/ecloud.toml run --burst`` under
    systemd (restarted on failure, within a start limit) or, without systemd,
@@ -276,6 +277,7 @@ fi
 
 missing=()
 command -v curl > /dev/null || missing+=(curl)
+command -v ssh > /dev/null || missing+=(openssh-client)  # carries the worker's tunnel
 python3 -c 'import ensurepip, venv' 2> /dev/null || missing+=(python3-venv)
 if (( ${#missing[@]} )); then
   say "installing ${missing[*]}"

@@ -9,7 +9,8 @@ calls ``connect()`` again after a delay from :func:`worker.backoff.backoff_delay
 Boss URLs (see :func:`transport_from_url` and :data:`TRANSPORTS`)::
 
     tcp://127.0.0.1:PORT                      a boss on this machine (no encryption)
-    ssh://USER@HOST[:SSHPORT]?port=BOSSPORT   a remote boss through one SSH connection;
+    ssh://USER@HOST[:SSHPORT]?port=BOSSPORT   a remote boss through one SSH connection
+                                              (OpenSSH's `ssh -W`, worker/ssh_tunnel.py);
                                               BOSSPORT is the boss's RPC port on the
                                               boss machine's 127.0.0.1 (default 7878),
                                               SSHPORT defaults to 22
@@ -22,12 +23,15 @@ hangs from the shared base directly)::
         │                       reconnect with backoff
         └── TransportRefused    retrying will not help until someone fixes the
                                 configuration: host key unknown or changed, key
-                                rejected, forward not permitted
+                                rejected or unprotected, forward not permitted,
+                                no `ssh` program
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NoReturn, Protocol
@@ -37,6 +41,7 @@ import paramiko
 
 from protocol.errors import EcloudError, SettingsError
 from protocol.messages import MAX_LINE
+from worker import ssh_tunnel
 
 DEFAULT_BOSS_PORT = 7878  # the boss's default ``listen`` (protocol.settings)
 DEFAULT_SSH_PORT = 22
@@ -45,7 +50,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for TCP connect, SSH handshake, auth, 
 DEFAULT_KEEPALIVE = 15.0  # seconds; finds a dead SSH link even while the worker is idle
 _RECV_CHUNK = 65536
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-_OPEN_ADMINISTRATIVELY_PROHIBITED = 1  # RFC 4254 §5.1: sshd's "not permitted"
+_SETTLE = 2.0  # seconds for a carrier whose stream ended to exit and say why
 
 
 class TransportError(EcloudError):
@@ -84,26 +89,32 @@ class Transport(Protocol):
 
 
 class _SocketLike(Protocol):
-    """What a socket and a paramiko channel have in common."""
+    """What LineChannel needs of a stream (a socket)."""
 
     def sendall(self, data: bytes, /) -> object: ...
     def recv(self, size: int, /) -> bytes: ...
 
 
 class LineChannel:
-    """A :class:`Channel` over anything with ``sendall``/``recv`` (a socket, an SSH channel).
+    """A :class:`Channel` over anything with ``sendall``/``recv`` (a socket).
 
     ``peer`` names the other end in error messages; ``closer`` releases the
-    stream and its carrier (for SSH, the channel and the connection). The
-    stream's own timeout (``settimeout``) bounds every send and receive.
+    stream and its carrier (for SSH, the ``ssh`` process). The stream's own
+    timeout (``settimeout``) bounds every send and receive. ``explain``, when
+    given, is asked before closing a failed stream whether the carrier knows
+    better why it failed (waiting up to the seconds it is passed); the error it
+    returns is raised instead of the generic one (so an SSH refusal stays a
+    TransportRefused).
     """
 
     def __init__(self, stream: _SocketLike, closer: Callable[[], None], peer: str,
-                 timeout: float) -> None:
+                 timeout: float, *,
+                 explain: Callable[[float], TransportError | None] | None = None) -> None:
         self._stream = stream
         self._closer = closer
         self._peer = peer
         self._timeout = timeout
+        self._explain = explain
         self._buffer = bytearray()
         self._closed = False
 
@@ -113,9 +124,9 @@ class LineChannel:
             self._stream.sendall(data)
         except TimeoutError as exc:
             self._fail(f"sending to {self._peer} did not finish within {self._timeout:g} s",
-                       exc)
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            self._fail(f"sending to {self._peer} failed: {exc}", exc)
+                       exc, 0.0)
+        except OSError as exc:
+            self._fail(f"sending to {self._peer} failed: {exc}", exc, _SETTLE)
 
     def recv_line(self) -> bytes:
         self._check_open()
@@ -134,12 +145,12 @@ class LineChannel:
             try:
                 chunk = self._stream.recv(_RECV_CHUNK)
             except TimeoutError as exc:
-                self._fail(f"no reply from {self._peer} within {self._timeout:g} s", exc)
-            except (OSError, EOFError, paramiko.SSHException) as exc:
-                self._fail(f"receiving from {self._peer} failed: {exc}", exc)
+                self._fail(f"no reply from {self._peer} within {self._timeout:g} s", exc, 0.0)
+            except OSError as exc:
+                self._fail(f"receiving from {self._peer} failed: {exc}", exc, _SETTLE)
             if not chunk:
                 partial = f" in the middle of a line ({scanned} bytes)" if scanned else ""
-                self._fail(f"{self._peer} closed the connection{partial}", None)
+                self._fail(f"{self._peer} closed the connection{partial}", None, _SETTLE)
             self._buffer += chunk
 
     def close(self) -> None:
@@ -149,7 +160,7 @@ class LineChannel:
         self._buffer.clear()
         try:
             self._closer()
-        except (OSError, EOFError, paramiko.SSHException):
+        except OSError:
             pass  # closing a broken link can fail; there is nothing left to release
 
     def _check_open(self) -> None:
@@ -157,8 +168,14 @@ class LineChannel:
             raise TransportError(f"the channel to {self._peer} is closed; call "
                                  "Transport.connect() for a new one")
 
-    def _fail(self, message: str, cause: BaseException | None) -> NoReturn:
+    def _fail(self, message: str, cause: BaseException | None,
+              explain_within: float | None = None) -> NoReturn:
+        better = None
+        if self._explain is not None and explain_within is not None and not self._closed:
+            better = self._explain(explain_within)
         self.close()
+        if better is not None:
+            raise better from cause
         raise TransportError(f"{message}; reconnecting will open a new channel") from cause
 
 
@@ -199,14 +216,16 @@ class TcpTransport:
 
 
 class SshTunnelTransport:
-    """One SSH connection to the boss machine carrying one ``direct-tcpip`` channel.
+    """A tunnel to the boss's RPC server carried by OpenSSH's client, ``ssh -W``.
 
-    The channel goes to ``127.0.0.1:remote_port`` on the boss machine, where the
-    boss's RPC server listens; it is reused for every call until it fails.
-    The boss's host key must already be in ``known_hosts_path`` (as
-    ``[HOST]:PORT`` when the SSH port is not 22): an unknown host or a different
-    key refuses the connection; nothing is ever added to the file. The worker
-    authenticates with the private key at ``key_path`` only.
+    Each ``connect()`` starts one ``ssh`` (worker/ssh_tunnel.py) that logs in to the
+    boss machine and forwards its stdin and stdout to ``127.0.0.1:remote_port``
+    there, where the boss's RPC server listens; the channel is reused for every
+    call until it fails, and closing it ends and reaps that ``ssh``. The boss's
+    host key must already be in ``known_hosts_path`` (as ``[HOST]:PORT`` when the
+    SSH port is not 22): an unknown host or a different key refuses the
+    connection; nothing is ever added to the file. The worker authenticates with
+    the private key at ``key_path`` only (no agent, no ssh_config).
     """
 
     def __init__(self, host: str, port: int, user: str, key_path: str | Path,
@@ -229,76 +248,118 @@ class SshTunnelTransport:
         """The name the boss's key is filed under in known_hosts, as OpenSSH writes it."""
         return self.host if self.port == DEFAULT_SSH_PORT else f"[{self.host}]:{self.port}"
 
+    @property
+    def _where(self) -> str:
+        return f"ssh://{self.user}@{self.host}:{self.port}"
+
     def connect(self) -> Channel:
-        """Open the SSH connection and the tunnel channel.
+        """Start ``ssh`` and return once the tunnel to the boss's port is open.
 
         Raise TransportRefused for a configuration problem (unknown or changed
-        host key, unreadable key, key rejected, forward not permitted) and
-        TransportError for the rest (boss machine or boss server down).
+        host key, unreadable or unprotected key, key rejected, forward not
+        permitted, no ``ssh`` program) and TransportError for the rest (boss
+        machine or boss server down), all within ``connect_timeout``.
         """
+        # what can be checked without a connection is, with messages ssh cannot give
         pinned = self._pinned_keys()
-        key = self._client_key()
-        where = f"ssh://{self.user}@{self.host}:{self.port}"
-        sock = _tcp_connect(self.host, self.port, self.connect_timeout, "the boss's sshd")
-        ssh: paramiko.Transport | None = None
-        try:
-            ssh = paramiko.Transport(sock)
-            ssh.banner_timeout = ssh.handshake_timeout = self.connect_timeout
-            ssh.auth_timeout = self.connect_timeout
-            # ask for the pinned key type first, as OpenSSH does, so a server with
-            # several host keys presents the one we can check
-            options = ssh.get_security_options()
-            options.key_types = ([t for t in options.key_types if t in pinned]
-                                 + [t for t in options.key_types if t not in pinned])
-            ssh.start_client(timeout=self.connect_timeout)
-            # check the host key before authenticating: nothing goes to an impostor
-            self._check_host_key(ssh.get_remote_server_key(), pinned)
-            remaining = ssh.auth_publickey(self.user, key)
-            if remaining or not ssh.is_authenticated():
-                raise TransportRefused(
-                    f"{where} wants more than the key {self.key_path} to log in "
-                    f"(also {', '.join(remaining) or 'something'}); the worker's user there "
-                    "must accept public-key authentication alone")
-            ssh.set_keepalive(int(self.keepalive))
-            chan = ssh.open_channel("direct-tcpip", dest_addr=("127.0.0.1", self.remote_port),
-                                    src_addr=("127.0.0.1", 0), timeout=self.connect_timeout)
-            chan.settimeout(self.timeout)
-        except TransportError:
-            _close_quietly(ssh, sock)
-            raise
-        except paramiko.AuthenticationException as exc:
-            _close_quietly(ssh, sock)
+        self._check_client_key()
+        program = ssh_tunnel.find_program()
+        if program is None:
             raise TransportRefused(
-                f"{where} refused the key {self.key_path} for user {self.user!r}: add the "
-                "worker's public key to that user's authorized_keys on the boss machine "
-                f"(boss.keys.authorized_keys_line): {exc}") from exc
-        except paramiko.ChannelException as exc:
-            _close_quietly(ssh, sock)
-            if exc.code == _OPEN_ADMINISTRATIVELY_PROHIBITED:
-                raise TransportRefused(
-                    f"{where} does not let the key {self.key_path} forward to "
-                    f"127.0.0.1:{self.remote_port}: its authorized_keys line must say "
-                    f'permitopen="127.0.0.1:{self.remote_port}" (and the port must be the '
-                    "boss's RPC port)") from exc
-            raise TransportError(
-                f"the boss machine ({where}) could not connect to the boss's RPC server at "
-                f"127.0.0.1:{self.remote_port} ({exc.text}); is `boss serve` running "
-                "there?") from exc
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            _close_quietly(ssh, sock)
-            raise TransportError(f"SSH to {where} failed: {exc or type(exc).__name__}") from exc
+                f"the worker reaches {self._where} through the OpenSSH client `ssh`, which "
+                f"is not on PATH ({os.environ.get('PATH', '')}): {ssh_tunnel.INSTALL_HINT}")
+        try:
+            argv = ssh_tunnel.tunnel_argv(
+                program, host=self.host, port=self.port, user=self.user,
+                key_path=self.key_path, known_hosts_path=self.known_hosts_path,
+                remote_port=self.remote_port, connect_timeout=self.connect_timeout,
+                keepalive=self.keepalive)
+        except ssh_tunnel.ConfigWordError as exc:
+            raise TransportRefused(f"cannot give the worker's key or known_hosts file to "
+                                   f"ssh: {exc}") from exc
+        try:
+            ssh = ssh_tunnel.SshProcess.start(argv)
+        except OSError as exc:
+            cls = TransportRefused if isinstance(exc, PermissionError) else TransportError
+            raise cls(f"cannot run the OpenSSH client {program}: {exc}") from exc
+        try:
+            opened = ssh.wait_open(self.connect_timeout)
+            if opened is None:
+                said = ssh_tunnel.diagnose(ssh.lines()).said or "nothing"
+                raise TransportError(
+                    f"SSH to {self._where} did not open the tunnel to 127.0.0.1:"
+                    f"{self.remote_port} within {self.connect_timeout:g} s (ssh said: {said})")
+            if not opened:
+                raise self._error(ssh, pinned, ssh.exited(ssh_tunnel.STOP_WAIT))
         except BaseException:
-            _close_quietly(ssh, sock)
+            ssh.stop()
             raise
+        ssh.peer.settimeout(self.timeout)
 
-        carrier = ssh
+        def explain(within: float) -> TransportError | None:
+            status = ssh.exited(within)
+            if status is None or status == 0:
+                return None  # still running, or the boss's end closed: nothing to add
+            return self._error(ssh, pinned, status)
 
-        def close() -> None:
-            chan.close()
-            carrier.close()
+        return LineChannel(ssh.peer, ssh.stop, f"the boss at {self._where} (tunnel to "
+                           f"127.0.0.1:{self.remote_port})", self.timeout, explain=explain)
 
-        return LineChannel(chan, close, f"the boss at {where} (tunnel to 127.0.0.1:"
-                           f"{self.remote_port})", self.timeout)
+    def _error(self, ssh: ssh_tunnel.SshProcess, pinned: Mapping[str, paramiko.PKey],
+               status: int | None) -> TransportError:
+        """The error for an ``ssh`` that ended (with ``status``), from what it logged."""
+        found = ssh_tunnel.diagnose(ssh.lines())
+        said = found.said or "nothing"
+        problem, where, key = found.problem, self._where, self.key_path
+        name, known_hosts = self.host_key_name, self.known_hosts_path
+        if problem is ssh_tunnel.Problem.HOST_KEY_CHANGED:
+            pins = ", ".join(f"{k.get_name()} {k.fingerprint}" for k in pinned.values())
+            return TransportRefused(
+                f"HOST KEY MISMATCH for {name}: it presented "
+                f"{found.offered_fingerprint or 'another key'} but the known_hosts file "
+                f"{known_hosts} pins {pins}. Refusing to connect: someone may be "
+                "intercepting the connection. If the boss's host key was changed on "
+                f"purpose, replace the {name} line in that file")
+        if problem is ssh_tunnel.Problem.HOST_UNKNOWN:
+            return TransportRefused(
+                f"the boss's host {name} offered no host key that the known_hosts file "
+                f"{known_hosts} pins (ssh said: {said}); refusing to trust it on first use. "
+                f"Add the line '{name} <the boss's host public key>' to that file")
+        if problem is ssh_tunnel.Problem.HOST_KEY_REFUSED:
+            return TransportRefused(f"ssh refused the host key of {name}, checked against "
+                                    f"the known_hosts file {known_hosts}: {said}")
+        if problem is ssh_tunnel.Problem.KEY_PERMISSIONS:
+            return TransportRefused(
+                f"ssh refuses the worker's SSH private key {key} because other users can "
+                f"read it: chmod 600 {key} (ssh said: {said})")
+        if problem is ssh_tunnel.Problem.KEY_UNUSABLE:
+            return TransportRefused(
+                f"ssh cannot load the worker's SSH private key {key} ({said}); point the "
+                "worker at an OpenSSH private key file without a passphrase")
+        if problem is ssh_tunnel.Problem.MORE_AUTH:
+            return TransportRefused(
+                f"{where} wants more than the key {key} to log in ({said}); the worker's "
+                "user there must accept public-key authentication alone")
+        if problem is ssh_tunnel.Problem.KEY_REJECTED:
+            return TransportRefused(
+                f"{where} refused the key {key} for user {self.user!r}: add the worker's "
+                "public key to that user's authorized_keys on the boss machine "
+                f"(boss.keys.authorized_keys_line); ssh said: {said}")
+        if problem is ssh_tunnel.Problem.FORWARD_PROHIBITED:
+            return TransportRefused(
+                f"{where} does not let the key {key} forward to 127.0.0.1:"
+                f"{self.remote_port}: its authorized_keys line must say "
+                f'permitopen="127.0.0.1:{self.remote_port}" (and the port must be the '
+                f"boss's RPC port); ssh said: {said}")
+        if problem is ssh_tunnel.Problem.FORWARD_FAILED:
+            return TransportError(
+                f"the boss machine ({where}) could not connect to the boss's RPC server at "
+                f"127.0.0.1:{self.remote_port} ({said}); is `boss serve` running there?")
+        if problem is ssh_tunnel.Problem.SSHD_UNREACHABLE:
+            return TransportError(
+                f"cannot connect to the boss's sshd at {self.host}:{self.port}: {said}")
+        return TransportError(f"the SSH connection to {where} ended (ssh exit status "
+                              f"{status}, ssh said: {said}); reconnecting makes a new one")
 
     def _pinned_keys(self) -> dict[str, paramiko.PKey]:
         """The known_hosts keys for this host, by key type; re-read each connect."""
@@ -318,22 +379,10 @@ class SshTunnelTransport:
                 "machine's /etc/ssh/ssh_host_ed25519_key.pub) to that file")
         return {key_type: entry[key_type] for key_type in entry.keys()}
 
-    def _check_host_key(self, offered: paramiko.PKey, pinned: Mapping[str, paramiko.PKey]
-                        ) -> None:
-        expected = pinned.get(offered.get_name())
-        if expected is not None and expected.asbytes() == offered.asbytes():
-            return
-        pins = ", ".join(f"{k.get_name()} {k.fingerprint}" for k in pinned.values())
-        raise TransportRefused(
-            f"HOST KEY MISMATCH for {self.host_key_name}: it presented "
-            f"{offered.get_name()} {offered.fingerprint} but the known_hosts file "
-            f"{self.known_hosts_path} pins {pins}. Refusing to connect: someone may be "
-            "intercepting the connection. If the boss's host key was changed on purpose, "
-            f"replace the {self.host_key_name} line in that file")
-
-    def _client_key(self) -> paramiko.PKey:
+    def _check_client_key(self) -> None:
+        """Refuse a key ssh could not use: unreadable, encrypted, or readable by others."""
         try:
-            return paramiko.PKey.from_path(self.key_path)
+            paramiko.PKey.from_path(self.key_path)
         except (paramiko.PasswordRequiredException, TypeError) as exc:
             # paramiko 5 hands OpenSSH-format keys to cryptography, which raises
             # TypeError("Key is password-protected, ...") instead of paramiko's error
@@ -350,18 +399,17 @@ class SshTunnelTransport:
             raise TransportRefused(
                 f"cannot load the worker's SSH private key {self.key_path}: {exc}; "
                 "point the worker at an OpenSSH private key file") from exc
+        info = self.key_path.stat()
+        # OpenSSH's own rule (sshkey_perm_ok): only a key of one's own is judged
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            raise TransportRefused(
+                f"the worker's SSH private key {self.key_path} can be read by other users "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}) and OpenSSH refuses such a key: "
+                f"chmod 600 {self.key_path}")
 
     def __repr__(self) -> str:
         return (f"SshTunnelTransport({self.user}@{self.host}:{self.port} -> "
                 f"127.0.0.1:{self.remote_port})")
-
-
-def _close_quietly(ssh: paramiko.Transport | None, sock: socket.socket) -> None:
-    try:
-        if ssh is not None:
-            ssh.close()
-    finally:
-        sock.close()
 
 
 # -- URLs ----------------------------------------------------------------------------------

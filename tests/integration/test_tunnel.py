@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +14,7 @@ from boss.keys import authorized_keys_line, generate_worker_keypair, install_aut
 from protocol import messages
 from tests import sshd as sshd_helper
 from tests.echo import EchoServer
-from tests.sshd import Sshd, ssh_keygen
+from tests.sshd import Sshd, _descendants, ssh_keygen
 from worker.transport import SshTunnelTransport, TransportError, TransportRefused
 
 pytestmark = pytest.mark.sshd
@@ -107,7 +110,7 @@ def test_wrong_user_key_is_refused(sshd: Sshd, echo: EchoServer, tmp_path: Path)
     with pytest.raises(TransportRefused, match="refused the key") as err:
         tunnel(sshd, echo.port, key=stranger).connect()
     assert str(stranger) in str(err.value) and repr(sshd.user) in str(err.value)
-    assert isinstance(err.value.__cause__, Exception)  # paramiko's error, chained
+    assert "Permission denied (publickey)" in str(err.value)  # ssh's own words
 
 
 def test_restricted_worker_key_tunnels_to_its_port_only(sshd: Sshd, echo: EchoServer,
@@ -149,7 +152,97 @@ def test_sshd_going_away_fails_the_channel(sshd: Sshd, echo: EchoServer) -> None
     channel = tunnel(sshd, echo.port, timeout=5.0).connect()
     round_trip(channel, 1)
     sshd.stop()
-    with pytest.raises(TransportError):
+    with pytest.raises(TransportError, match=r"the SSH connection to .* ended") as err:
         round_trip(channel, 2)
+    assert not isinstance(err.value, TransportRefused)  # the worker reconnects
     with pytest.raises(TransportError, match="cannot connect to the boss's sshd"):
         tunnel(sshd, echo.port).connect()
+
+
+
+def ssh_children() -> set[int]:
+    """This process's ``ssh`` descendants (sshd's own children are named sshd)."""
+    found = set()
+    for pid in _descendants(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "ssh":
+                found.add(pid)
+        except OSError:
+            continue  # exited while we looked
+    return found
+
+
+def test_close_ends_and_reaps_ssh(sshd: Sshd, echo: EchoServer) -> None:
+    before = ssh_children()
+    channel = tunnel(sshd, echo.port).connect()
+    spawned = ssh_children() - before
+    assert len(spawned) == 1  # one ssh carries the tunnel
+    round_trip(channel, 1)
+    channel.close()
+    # reaped, not a zombie: a zombie keeps its /proc entry until waited for
+    assert not [pid for pid in spawned if Path(f"/proc/{pid}").exists()]
+    with pytest.raises(TransportError):
+        tunnel(sshd, 1).connect()  # a failed connect leaves nothing behind either
+    assert ssh_children() == before
+
+
+def test_no_ssh_program_is_refused_naming_the_package(sshd: Sshd, echo: EchoServer,
+                                                      tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(TransportRefused, match="openssh-client") as err:
+        tunnel(sshd, echo.port).connect()
+    assert "`ssh`, which is not on PATH" in str(err.value) and str(empty) in str(err.value)
+    assert "publickey" not in sshd.log  # nothing was tried
+
+
+def test_a_key_readable_by_others_is_refused_saying_chmod(sshd: Sshd, echo: EchoServer,
+                                                          tmp_path: Path) -> None:
+    key = tmp_path / "loose_key"
+    shutil.copyfile(sshd.client_key_path, key)
+    key.chmod(0o644)  # as a careless copy or umask leaves it; OpenSSH ignores such a key
+    with pytest.raises(TransportRefused, match=rf"mode 0644.*chmod 600 {key}"):
+        tunnel(sshd, echo.port, key=key).connect()
+    key.chmod(0o600)  # the control: the same key, protected, logs in
+    channel = tunnel(sshd, echo.port, key=key).connect()
+    try:
+        assert round_trip(channel, 1)["call"] == "heartbeat"
+    finally:
+        channel.close()
+
+
+def test_paths_with_blanks_quotes_and_percent_reach_ssh_as_written(
+        sshd: Sshd, echo: EchoServer, tmp_path: Path) -> None:
+    odd = tmp_path / 'a dir %h "quoted" \\ %%'
+    odd.mkdir()
+    key, known_hosts = odd / "key %r", odd / "known hosts"
+    shutil.copyfile(sshd.client_key_path, key)
+    key.chmod(0o600)
+    shutil.copyfile(sshd.known_hosts_path, known_hosts)
+    channel = tunnel(sshd, echo.port, key=key, known_hosts=known_hosts).connect()
+    try:
+        assert round_trip(channel, 1)["call"] == "heartbeat"
+    finally:
+        channel.close()
+    expanding = tmp_path / "${HOME}"
+    expanding.mkdir()
+    shutil.copyfile(sshd.known_hosts_path, expanding / "known_hosts")
+    with pytest.raises(TransportRefused, match=r"expands \$\{\.\.\.\}"):
+        tunnel(sshd, echo.port, known_hosts=expanding / "known_hosts").connect()
+
+
+def test_an_sshd_that_never_greets_is_given_up_on(sshd: Sshd, tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (backlog), never speaks
+        port = silent.getsockname()[1]
+        known_hosts = tmp_path / "known_hosts"
+        key_type, key_data = sshd.host_key_pub.split()[:2]
+        known_hosts.write_text(f"[127.0.0.1]:{port} {key_type} {key_data}\n")
+        stuck = SshTunnelTransport("127.0.0.1", port, sshd.user, sshd.client_key_path,
+                                   known_hosts, 1, connect_timeout=1.0)
+        before = ssh_children()
+        with pytest.raises(TransportError, match=f"127.0.0.1:{port}") as err:
+            stuck.connect()
+    assert not isinstance(err.value, TransportRefused)  # a slow sshd may answer later
+    assert ssh_children() == before

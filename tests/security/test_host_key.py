@@ -69,6 +69,8 @@ def test_worker_run_refuses_a_boss_with_another_host_key(site: Site, sshd: Sshd,
     assert f"HOST KEY MISMATCH for [127.0.0.1]:{sshd.port}" in done.stderr, done.stderr
     assert str(known_hosts) in done.stderr
     assert "Traceback" not in done.stderr
+    # ssh's own log and warning box are captured for the message, never passed through
+    assert "debug1:" not in done.stdout + done.stderr and "@@@" not in done.stdout + done.stderr
     assert "publickey" not in sshd.log  # nothing was offered to the impostor
     assert worker_state(site) == "provisioning"  # never said hello
 

@@ -12,6 +12,7 @@ import worker.transport as transport_module
 from protocol import messages
 from protocol.errors import EcloudError, SettingsError
 from tests.echo import EchoServer
+from worker import ssh_tunnel
 from worker.transport import (
     LineChannel,
     SshTunnelTransport,
@@ -170,3 +171,57 @@ def test_an_encrypted_key_is_refused_with_the_reason(tmp_path: Path) -> None:
     ssh = SshTunnelTransport("127.0.0.1", 2222, "u", key, _pinned(tmp_path))
     with pytest.raises(TransportError, match=r"is encrypted.*without a passphrase"):
         ssh.connect()
+
+
+def test_ssh_argv_reads_no_config_and_never_takes_the_host_for_an_option() -> None:
+    argv = ssh_tunnel.tunnel_argv(
+        "/usr/bin/ssh", host="-oProxyCommand=touch /tmp/x", port=2222, user="-l",
+        key_path=Path("/k"), known_hosts_path=Path("/kh"), remote_port=7000,
+        connect_timeout=2.5, keepalive=15.0)
+    assert argv[:3] == ["/usr/bin/ssh", "-F", "/dev/null"]
+    assert argv[-8:] == ["-p", "2222", "-l", "-l", "-W", "127.0.0.1:7000", "--",
+                         "-oProxyCommand=touch /tmp/x"]
+    options = dict(a.split("=", 1) for a in argv[4:-8:2])
+    assert options["ConnectTimeout"] == "3" and options["ServerAliveInterval"] == "15"
+    assert (options["StrictHostKeyChecking"], options["IdentityAgent"]) == ("yes", "none")
+
+
+@pytest.mark.parametrize(("path", "word"), [
+    ("/a b/k", '"/a b/k"'),
+    ("/a%h/k", '"/a%%h/k"'),
+    ('/a"b\\c', '"/a\\"b\\\\c"'),
+])
+def test_paths_are_quoted_for_ssh_options(path: str, word: str) -> None:
+    assert ssh_tunnel.config_word(Path(path)) == word
+
+
+# ssh 9.2's own lines (LogLevel DEBUG2, debug lines dropped), as SshProcess keeps them
+@pytest.mark.parametrize(("lines", "problem"), [
+    (["Authenticated to 127.0.0.1 ([127.0.0.1]:41755) using \"publickey\".",
+      "channel 0: open failed: administratively prohibited: open failed",
+      "stdio forwarding failed"], ssh_tunnel.Problem.FORWARD_PROHIBITED),
+    (["channel 0: open failed: connect failed: Connection refused",
+      "stdio forwarding failed"], ssh_tunnel.Problem.FORWARD_FAILED),
+    (["root@127.0.0.1: Permission denied (publickey)."], ssh_tunnel.Problem.KEY_REJECTED),
+    (["Permissions 0644 for 'k644' are too open.", 'Load key "k644": bad permissions',
+      "root@127.0.0.1: Permission denied (publickey)."], ssh_tunnel.Problem.KEY_PERMISSIONS),
+    (["No ED25519 host key is known for [127.0.0.1]:41755 and you have requested strict "
+      "checking.", "Host key verification failed."], ssh_tunnel.Problem.HOST_UNKNOWN),
+    (["ssh: connect to host 127.0.0.1 port 1: Connection refused"],
+     ssh_tunnel.Problem.SSHD_UNREACHABLE),
+    (["client_loop: send disconnect: Broken pipe"], ssh_tunnel.Problem.CONNECTION_LOST),
+])
+def test_ssh_complaints_are_sorted(lines: list[str], problem: ssh_tunnel.Problem) -> None:
+    found = ssh_tunnel.diagnose(lines)
+    assert found.problem is problem
+    assert "Authenticated to" not in found.said and lines[-1] in found.said
+
+
+def test_a_changed_host_key_diagnosis_carries_the_offered_fingerprint() -> None:
+    found = ssh_tunnel.diagnose([
+        "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @",
+        "The fingerprint for the ED25519 key sent by the remote host is",
+        "SHA256:j5DEDgDeUyseXADCmKM9wL5+Fp8xYBjWPZt9YX+kaAM.",
+        "Host key verification failed."])
+    assert found.problem is ssh_tunnel.Problem.HOST_KEY_CHANGED
+    assert found.offered_fingerprint == "ED25519 SHA256:j5DEDgDeUyseXADCmKM9wL5+Fp8xYBjWPZt9YX+kaAM"
