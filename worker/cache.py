@@ -9,6 +9,8 @@ is shared by every slot (thread) of every worker process on a host:
     ROOT/tmp/KEY.UNIQUE.SIZE.part    a download in progress; its name carries the
                                      size it reserves against the bound
     ROOT/index.lock                  flock held while space is counted and reserved
+    ROOT/usage                       an upper bound of the bytes held (entries plus
+                                     reservations), updated under index.lock
 
 KEY is a hash of the source (protocol, host, path) and its version as reported
 by ``fs.info()`` (size plus mtime / ETag / generation), so a changed remote
@@ -16,10 +18,16 @@ file is a new entry and the old one ages out. A download goes to a temporary
 name and is renamed into place, so a crash never leaves a partial entry; its
 leftover temporary file is swept by the next reservation. Two slots needing the
 same input at once download it once: the second waits for the first one's
-exclusive lock and then finds the entry. Eviction only takes entries whose lock
-it can take exclusively without waiting, so an entry being read is never
-removed. Callers always get a copy (``fetch``), never the cache file itself,
-because a command may modify its inputs.
+exclusive lock and then finds the entry. A reservation that fits under the
+``usage`` bound adds to it and counts nothing; only one that does not counts
+the entries (and sweeps and evicts), then writes the true figure back, so a
+directory of many small inputs costs a constant per file, not a scan of the
+whole cache per file. The bound only ever errs high (a crashed download's
+reservation stays in it until the next count), never lets the cache overgrow.
+Eviction only takes entries whose lock it can take exclusively without
+waiting, so an entry being read is never removed. Callers always get a copy
+(``fetch``), never the cache file itself, because a command may modify its
+inputs.
 
 The cache directory must be on a local filesystem (flock over NFS is not
 reliable).
@@ -41,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.datastore import FileSystem, check_file, get_file, translated
+from worker.datastore import FileSystem, check_file, get_file, stat, translated
 from worker.errors import CacheError, CancelledError, DatastoreError
 
 # fields of fs.info() that change when a remote file changes, per backend
@@ -146,7 +154,7 @@ class Cache:
               ) -> Iterator[Path | None]:
         """Yield the entry for ``path`` under a lock that keeps it from eviction."""
         with translated(f"reading metadata of {path}"):
-            info = fs.info(path)
+            info = dict(stat(fs, path))  # a directory copy's listing spares the round trip
         check_file(info, path)
         size = int(info.get("size") or 0)
         key = self._key(fs, path, info)
@@ -183,7 +191,7 @@ class Cache:
         for stale in self._tmp.glob(f"{key}.*"):  # from a crashed download of this key
             stale.unlink(missing_ok=True)
         with self._index():
-            if not self._make_room(size):
+            if not self._reserve(size):
                 return False
             temp = self._tmp / f"{key}.{uuid.uuid4().hex}.{size}.part"
             temp.touch()  # the reservation, visible to the next _make_room
@@ -202,8 +210,17 @@ class Cache:
         self._count(download=True)
         return True
 
-    def _make_room(self, need: int) -> bool:
-        """Sweep stale downloads and evict LRU entries (index lock held)."""
+    def _reserve(self, size: int) -> bool:
+        """Room for ``size`` more bytes, counted into the usage bound (index lock held)."""
+        bound = self._usage_bound()
+        if bound is not None and bound + size <= self.max_bytes:
+            self._set_usage_bound(bound + size)
+            return True
+        return self._make_room(size, reserve=True)
+
+    def _make_room(self, need: int, *, reserve: bool = False) -> bool:
+        """Sweep stale downloads and evict LRU entries (index lock held); the usage bound
+        becomes the true figure, plus ``need`` if ``reserve`` and it fits."""
         reserved = self._reserved()
         entries = self.entries()
         total = reserved + sum(e.size for e in entries)
@@ -212,7 +229,21 @@ class Cache:
                 break
             if self._try_remove(e.key):
                 total -= e.size
-        return total + need <= self.max_bytes
+        fits = total + need <= self.max_bytes
+        self._set_usage_bound(total + (need if reserve and fits else 0))
+        return fits
+
+    def _usage_bound(self) -> int | None:
+        try:
+            return int((self.root / "usage").read_text())
+        except (OSError, ValueError):  # none yet, or damaged by a crash mid-write
+            return None
+
+    def _set_usage_bound(self, value: int) -> None:
+        try:
+            (self.root / "usage").write_text(str(value))
+        except OSError:
+            pass  # a missing bound only means the next reservation counts
 
     def _reserved(self) -> int:
         """Bytes reserved by downloads in progress; stale ones (no owner) are removed."""

@@ -9,6 +9,13 @@ Directories are copied by listing them and copying file by file with
 ``get_file``/``put_file`` plus ``makedirs``: recursive ``get``/``put`` behave
 differently per fsspec backend, the file-by-file loop works on all of them.
 
+An SFTP bucket that logs in with a key downloads through OpenSSH's ``sftp``
+(worker/sftp_batch.py): a file of ``BIG_FILE`` bytes or more, and every file
+of a directory of ``BULK_FILES`` files or more, the latter over several
+connections at once, with the sizes and dates of the listing standing in for
+one stat per file. Everything else (small single files, metadata, uploads,
+and buckets with a password) goes through paramiko.
+
 One :class:`Datastore` serves one attempt (one thread): the connections it
 opens (SFTP) are its own and are closed by :meth:`Datastore.close`, so a
 worker never accumulates connections however many attempts it runs.
@@ -19,8 +26,10 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +49,16 @@ from worker.errors import (
     RemoteNotFoundError,
     WorkerError,
 )
+from worker.sftp_batch import Login, SftpPool, temp_beside, usable
 
 FileSystem = Any  # fsspec.AbstractFileSystem; fsspec ships no type hints
 Fetch = Callable[[FileSystem, str, Path], int]
 """Copy one remote file to a local path and return its size (``get_file`` or a cache)."""
+
+BIG_FILE = 16 << 20  # bytes: from here one more SSH login costs less than paramiko's pace
+BULK_FILES = 32  # files of a directory from which several sftp connections pay off
+SFTP_CONNECTIONS = 4  # per bucket and attempt; the URL's connections=N overrides it
+_POOL = "_ecloud_sftp_pool"  # the attribute of an SFTP filesystem holding its SftpPool
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,8 @@ def _open_sftp(url: str, options: Mapping[str, Any]) -> Location:
     query = dict(parse_qsl(parts.query))
     opts: dict[str, Any] = {**query, **options}
     known_hosts = os.path.expanduser(str(opts.pop("known_hosts", "~/.ssh/known_hosts")))
+    use_openssh = _yes_no(url, "openssh", opts.pop("openssh", "yes"))
+    connections = _count(url, "connections", opts.pop("connections", SFTP_CONNECTIONS))
     kwargs: dict[str, Any] = {
         "port": parts.port or 22,
         "username": unquote(parts.username) if parts.username else None,
@@ -101,6 +118,12 @@ def _open_sftp(url: str, options: Mapping[str, Any]) -> Location:
     }
     if "key_filename" in opts:
         kwargs["key_filename"] = os.path.expanduser(str(opts.pop("key_filename")))
+    # OpenSSH takes over downloads only when it logs in exactly as paramiko would:
+    # with the key alone (a password or another paramiko option keeps paramiko)
+    login = Login(host=parts.hostname, port=kwargs["port"], user=kwargs["username"],
+                  key_filename=os.path.abspath(kwargs["key_filename"]),
+                  known_hosts=os.path.abspath(known_hosts), timeout=kwargs["timeout"],
+                  where=_public(url)) if "key_filename" in kwargs and not opts else None
     kwargs.update(opts)
     try:
         fs = fsspec.filesystem("sftp", host=parts.hostname, **kwargs)
@@ -108,7 +131,33 @@ def _open_sftp(url: str, options: Mapping[str, Any]) -> Location:
         raise DatastoreError(
             f"cannot open datastore {_public(url)}: {exc}; check the host, port, user, "
             "key_filename and known_hosts of the bucket URL") from exc
+    if use_openssh and login is not None and usable(login) and shutil.which("sftp"):
+        setattr(fs, _POOL, SftpPool(login, connections))
     return Location(fs, unquote(parts.path) or "/", url)
+
+
+def _yes_no(url: str, name: str, value: Any) -> bool:
+    text = str(value).lower()
+    if text not in ("yes", "no", "true", "false", "1", "0"):
+        raise DatastoreError(f"datastore {_public(url)}: {name}={value!r} is not yes or no")
+    return text in ("yes", "true", "1")
+
+
+def _count(url: str, name: str, value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise DatastoreError(f"datastore {_public(url)}: {name}={value!r} is not a whole "
+                             "number of at least 1")
+    return n
+
+
+def sftp_pool(fs: FileSystem) -> SftpPool | None:
+    """The OpenSSH downloads of an SFTP bucket, or None (paramiko does them)."""
+    pool = getattr(fs, _POOL, None)
+    return pool if isinstance(pool, SftpPool) else None
 
 
 def _seconds(url: str, value: Any) -> float:
@@ -197,8 +246,11 @@ class Datastore:
         return loc.fs, loc.path(remote.path)
 
     def close(self) -> None:
-        """Close the connections this datastore opened (SFTP); file systems need nothing."""
+        """Close the connections this datastore opened (SFTP, its sftp processes too)."""
         for loc in self._open.values():
+            pool = sftp_pool(loc.fs)
+            if pool is not None:
+                pool.close()
             client = getattr(loc.fs, "client", None)
             if isinstance(client, paramiko.SSHClient):
                 client.close()
@@ -232,15 +284,75 @@ def check_file(info: Mapping[str, Any], rpath: str) -> None:
                              "to copy a directory")
 
 
+@dataclass
+class _Listing:
+    """The entries of a directory being copied, and the lock its paramiko calls take."""
+
+    infos: Mapping[str, Mapping[str, Any]]
+    lock: threading.Lock
+
+
+_LISTING = "_ecloud_listing"  # the attribute of a filesystem holding the current _Listing
+
+
+@contextmanager
+def _listed(fs: FileSystem, infos: Mapping[str, Mapping[str, Any]]) -> Iterator[None]:
+    setattr(fs, _LISTING, _Listing(infos, threading.Lock()))
+    try:
+        yield
+    finally:
+        setattr(fs, _LISTING, None)
+
+
+def _listing(fs: FileSystem) -> _Listing | None:
+    listing = getattr(fs, _LISTING, None)
+    return listing if isinstance(listing, _Listing) else None
+
+
+@contextmanager
+def _paramiko_turn(fs: FileSystem) -> Iterator[None]:
+    """Serialize paramiko calls while threads copy a directory: an SFTPClient is not
+    safe for concurrent requests."""
+    listing = _listing(fs)
+    if listing is None:
+        yield
+    else:
+        with listing.lock:
+            yield
+
+
+def stat(fs: FileSystem, path: str) -> Mapping[str, Any]:
+    """``fs.info(path)``; during a directory copy, the listing's entry for a regular file
+    (no round trip)."""
+    listing = _listing(fs)
+    if listing is not None:
+        info = listing.infos.get(path)
+        if info is not None and info.get("type") == "file":
+            return info
+    with _paramiko_turn(fs):
+        result: Mapping[str, Any] = fs.info(path)
+    return result
+
+
 def get_file(fs: FileSystem, rpath: str, lpath: Path) -> int:
-    """Download one file (no cache); returns its size."""
+    """Download one file (no cache); returns its size.
+
+    On SFTP the file lands under a temporary name and is renamed into place,
+    so ``lpath`` never holds part of it; OpenSSH's sftp carries it when it is
+    big or part of a directory copy (see the module's docstring).
+    """
     lpath.parent.mkdir(parents=True, exist_ok=True)
     with translated(f"download of {rpath}"):
-        info = fs.info(rpath)
+        info = stat(fs, rpath)
         check_file(info, rpath)
         ftp = getattr(fs, "ftp", None)
         if isinstance(ftp, paramiko.SFTPClient) and isinstance(info.get("size"), int):
-            _sftp_get(ftp, fs._strip_protocol(rpath), lpath, info["size"])
+            path = fs._strip_protocol(rpath)
+            pool = sftp_pool(fs)
+            bulk = _listing(fs) is not None or info["size"] >= BIG_FILE
+            if pool is None or not bulk or not pool.download(path, lpath):
+                with _paramiko_turn(fs):
+                    _sftp_get(ftp, path, lpath, info["size"])
         else:
             fs.get_file(rpath, str(lpath))
     return lpath.stat().st_size
@@ -255,16 +367,22 @@ def _sftp_get(ftp: paramiko.SFTPClient, rpath: str, lpath: Path, size: int) -> N
     from the caller's stat: a file that grows meanwhile is copied up to that
     size, one that shrinks comes out short (the cache checks the size).
     """
-    with ftp.open(rpath, "rb") as remote, lpath.open("wb") as out:
-        if size:
-            remote.prefetch(size)  # every read request sent at once, as getfo does
-        left = size
-        while left > 0:
-            chunk = remote.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            out.write(chunk)
-            left -= len(chunk)
+    temp = temp_beside(lpath)
+    try:
+        with ftp.open(rpath, "rb") as remote, temp.open("wb") as out:
+            if size:
+                remote.prefetch(size)  # every read request sent at once, as getfo does
+            left = size
+            while left > 0:
+                chunk = remote.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                out.write(chunk)
+                left -= len(chunk)
+        os.replace(temp, lpath)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:
@@ -274,27 +392,65 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 
 def copy_in(fs: FileSystem, rpath: str, local: Path, *, fetch: Fetch = get_file,
             cancel: threading.Event | None = None) -> int:
-    """Copy a remote file, or a directory (``rpath`` ending in ``/``), to ``local``."""
+    """Copy a remote file, or a directory (``rpath`` ending in ``/``), to ``local``.
+
+    A directory of ``BULK_FILES`` files or more from an SFTP bucket with
+    OpenSSH is fetched by as many threads as the bucket has sftp connections;
+    ``fetch`` must then be safe to call from several threads (``get_file`` and
+    the cache are).
+    """
     if not rpath.endswith("/"):
         return fetch(fs, rpath, local)
     base = rpath.rstrip("/")
     with translated(f"listing of {rpath}"):
         if not fs.isdir(base):
             raise RemoteNotFoundError(f"directory {rpath} does not exist")
-        files = sorted(fs.find(base, detail=False))
+        found: Mapping[str, Mapping[str, Any]] = fs.find(base, detail=True)
     local.mkdir(parents=True, exist_ok=True)
     prefix = fs._strip_protocol(base).rstrip("/") + "/"
     top = local.resolve()
-    moved = 0
-    for remote_file in files:
-        _check_cancel(cancel)
+    items: list[tuple[str, Path]] = []
+    for remote_file in sorted(found):
         rel = str(remote_file)[len(prefix):] if str(remote_file).startswith(prefix) else ""
         target = (local / rel).resolve()
         if not rel or not target.is_relative_to(top) or target == top:
             raise DatastoreError(f"{rpath}: listed object {remote_file!r} does not lie under "
                                  "the directory; rename it in the datastore")
-        moved += fetch(fs, str(remote_file), target)
-    return moved
+        items.append((str(remote_file), target))
+    pool = sftp_pool(fs)
+    if pool is None or len(items) < BULK_FILES:
+        moved = 0
+        for remote_file, target in items:
+            _check_cancel(cancel)
+            moved += fetch(fs, remote_file, target)
+        return moved
+    with _listed(fs, found):
+        return _fetch_all(fs, items, fetch, pool.size, cancel)
+
+
+def _fetch_all(fs: FileSystem, items: list[tuple[str, Path]], fetch: Fetch, threads: int,
+               cancel: threading.Event | None) -> int:
+    """``fetch`` every item on ``threads`` threads; the first failure (in listing order)
+    stops the rest and is raised once every thread is done."""
+    stop = threading.Event()
+
+    def one(remote: str, target: Path) -> int:
+        if stop.is_set():
+            return 0
+        try:
+            _check_cancel(cancel)
+            return fetch(fs, remote, target)
+        except BaseException:
+            stop.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ecloud-stage-in") as ex:
+        futures = [ex.submit(one, remote, target) for remote, target in items]
+    for f in futures:
+        exc = f.exception()
+        if exc is not None:
+            raise exc
+    return sum(f.result() for f in futures)
 
 
 def local_files(local: Path, guard: Callable[[Path], None]) -> list[tuple[Path, str]]:

@@ -249,6 +249,30 @@ def test_byte_bound_with_lru_eviction(tmp_path: Path) -> None:
     assert leftovers(cache) == []
 
 
+def test_the_usage_bound_is_counted_only_when_a_download_may_not_fit(tmp_path: Path) -> None:
+    """Each reservation adds to ROOT/usage without counting the entries (a directory of
+    many inputs would count them once per file); a bound that errs high (an entry gone
+    behind the cache's back, a damaged file) is corrected by the count it triggers."""
+    fs = GatedFS.new()
+    cache = Cache(tmp_path / "cache", 300)
+    files = {name: remote_file(tmp_path, name, name.encode() * 100) for name in "abcde"}
+    bound = cache.root / "usage"
+    for name in "abc":
+        cache.fetch(fs, str(files[name]), tmp_path / "work" / name)
+    assert int(bound.read_text()) == cache.usage() == 300
+    gone = cache.entries()[0]
+    (cache.root / "entries" / gone.key).unlink()  # removed by hand: the bound is now high
+    cache.fetch(fs, str(files["d"]), tmp_path / "work" / "d")
+    # 300 + 100 did not fit under the bound, so the entries were counted: 200, room for
+    # "d" without evicting anything
+    assert len(cache.entries()) == 3 and int(bound.read_text()) == cache.usage() == 300
+    bound.write_text("garbage")  # a crash mid-write
+    cache.fetch(fs, str(files["e"]), tmp_path / "work" / "e")
+    assert int(bound.read_text()) == cache.usage() == 300
+    assert [e.size for e in cache.entries()] == [100, 100, 100]
+    assert (cache.downloads, cache.hits) == (5, 0)
+
+
 def test_concurrent_fetches_stay_within_the_bound(tmp_path: Path) -> None:
     fs = GatedFS.new()
     cache = Cache(tmp_path / "cache", 1000)
