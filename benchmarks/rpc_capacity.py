@@ -159,6 +159,7 @@ class BossServe:
     def profile(self, out: Path, seconds: float) -> subprocess.Popen[Any]:
         """py-spy samples the boss (its threads, idle ones too) into ``out`` (collapsed
         stacks: ``py-spy record --format raw``) for ``seconds``, without pausing it."""
+        out.parent.mkdir(parents=True, exist_ok=True)  # py-spy writes nothing into a missing one
         return subprocess.Popen(
             [str(BIN / "py-spy"), "record", "--pid", str(self.pid), "--format", "raw",
              "--idle", "--threads", "--nonblocking", "--rate", "200",
@@ -433,9 +434,13 @@ def one_run(root: Path, db_url: str, tasks: int, workers: int, mode: str, batch:
         stats = [out.get(timeout=bound) for _ in children]
         cpu = boss.cpu_seconds() - cpu0
         hwm = boss.status()["VmHWM"]
-        if spy is not None:
+        if spy is not None and profile is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
             spy.wait(60)
+            if spy.returncode not in (0, -signal.SIGINT) or not profile.exists():
+                why = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
+                print(f"py-spy wrote no profile to {profile} (exit {spy.returncode}): "
+                      f"{why.strip()[-500:]}", file=sys.stderr)
     except Exception as exc:
         raise BenchError(f"{mode} run failed: {exc}\n{tail(boss.log)}") from exc
     finally:

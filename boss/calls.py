@@ -2,8 +2,10 @@
 
 The server turns each request into one of these and hands a batch of them to
 :meth:`boss.service.Boss.apply`, which runs the whole batch in one database
-transaction with a savepoint per call (group commit): a call that fails rolls
-back alone, the others commit together. The CLI's single transitions
+transaction (group commit): its pops and completes set-based, a statement per
+kind of row (:mod:`boss.store.batch`), the other calls each under a
+savepoint; a call that fails rolls back alone (the batch is then applied call
+by call), the others commit together. The CLI's single transitions
 (:meth:`Boss.claim`, :meth:`Boss.complete`...) are batches of one, so there is
 one code path.
 """

@@ -24,6 +24,7 @@ from boss.errors import BossError, DatabaseError, PushError, UserError
 from boss.lifecycle import TaskState
 from boss.providers import Created, Failed, Provider, WorkerSpec
 from boss.store import Store, fast, reads, tasks, workers
+from boss.store import batch as set_based
 from boss.store import events as event_rows
 from boss.store.push import PushResult, push_file
 from boss.store.tasks import Ended
@@ -386,29 +387,121 @@ class Boss:
         return _unwrap(self.apply([call])[0])
 
     def apply(self, batch: Sequence[calls.Call]) -> list[Any]:
-        """Apply worker calls in ONE transaction, each under its own savepoint.
+        """Apply worker calls in ONE transaction, as if each ran under its own savepoint.
 
         Returns one answer per call, in order; a call that failed has its
         exception (a BossError) as its answer and changed nothing, the others
         commit together. This is the RPC server's group commit: one fsync for
         every call that arrived while the previous transaction ran.
+
+        The pops and completes of the batch go first, set-based
+        (:mod:`boss.store.batch`: a statement per kind of row, not per call);
+        when that fails or does not suit the batch, it is undone and every call
+        runs alone under its savepoint, so that a failing call is found and
+        rolled back by itself.
         """
         now = time.time()
-        out: list[Any] = []
         with self.store.tx() as conn:
-            for call in batch:
-                try:
-                    with fast.savepoint(conn):
-                        out.append(self._apply(conn, call, now))
-                except BossError as exc:
-                    out.append(exc)
-                except DBAPIError as exc:
-                    if exc.connection_invalidated:
-                        raise  # the connection is gone: the whole batch failed, say why
-                    out.append(DatabaseError(f"{type(call).__name__}: {exc}"))
-                except SQLAlchemyError as exc:
-                    out.append(DatabaseError(f"{type(call).__name__}: {exc}"))
+            out = self._apply_together(conn, batch, now)
+            if out is None:
+                out = [self._apply_alone(conn, call, now) for call in batch]
         return out
+
+    def _apply_together(self, conn: Connection, batch: Sequence[calls.Call], now: float
+                        ) -> list[Any] | None:
+        """The pops and completes set-based, then the other calls one by one; None, and
+        nothing changed, when the batch must be applied call by call."""
+        hot = [(k, call) for k, call in enumerate(batch)
+               if isinstance(call, (calls.Pop, calls.Complete, calls.CompleteAndPop))]
+        if len(hot) < 2:
+            return None  # one call: its own statements are the tuned path, and cheaper
+        try:
+            with fast.savepoint(conn, "ecloud_batch"):
+                answers = self._set_based(conn, [call for _, call in hot], now)
+        except set_based.Unsuited:
+            return None
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise  # the connection is gone: the whole batch failed, say why
+            return None  # some call fails: which one, call by call will tell
+        except (BossError, SQLAlchemyError):
+            return None
+        out: list[Any] = [None] * len(batch)
+        for (k, _), answer in zip(hot, answers, strict=True):
+            out[k] = answer
+        done = {k for k, _ in hot}
+        for k, call in enumerate(batch):
+            if k not in done:
+                out[k] = self._apply_alone(conn, call, now)
+        return out
+
+    def _set_based(self, conn: Connection,
+                   batch: Sequence[calls.Pop | calls.Complete | calls.CompleteAndPop],
+                   now: float) -> list[Any]:
+        """Every complete (with its events) in batch order, then every pop in batch order
+        (a complete-and-pop's own once its result was accepted, as :meth:`_apply`)."""
+        ends = [(k, call) for k, call in enumerate(batch)
+                if isinstance(call, (calls.Complete, calls.CompleteAndPop))]
+        finishes = [set_based.Finish(call.worker_id, call.result,
+                                     call.events if isinstance(call, calls.CompleteAndPop)
+                                     else ())
+                    for _, call in ends]
+        ended: dict[int, Ended | None] = dict(zip(
+            [k for k, _ in ends], set_based.complete(conn, finishes, now) if ends else [],
+            strict=True))
+        pops = [(k, call.worker_id, call.n) for k, call in enumerate(batch)
+                if isinstance(call, calls.Pop)
+                or (isinstance(call, calls.CompleteAndPop) and call.n > 0
+                    and ended[k] is not None)]
+        popped = dict(zip([k for k, _, _ in pops],
+                          self._pop_many(conn, [(w, n) for _, w, n in pops], now),
+                          strict=True))
+        return [(ended[k], popped.get(k)) if isinstance(call, calls.CompleteAndPop)
+                else ended[k] if isinstance(call, calls.Complete) else popped[k]
+                for k, call in enumerate(batch)]
+
+    def _pop_many(self, conn: Connection, wants: Sequence[tuple[int, int]], now: float
+                  ) -> list[PopAnswer]:
+        """:meth:`_pop` for each (worker, n) in order, with one statement per kind of row."""
+        if not wants:
+            return []
+        states = set_based.worker_states(conn, [w for w, _ in wants])
+        if any(w not in states for w, _ in wants):
+            # one by one, it fails on the attempt's foreign key alone
+            raise set_based.Unsuited("a pop for a worker that does not exist")
+        out = [PopAnswer([], drain=True)] * len(wants)
+        open_ = [(k, w, n) for k, (w, n) in enumerate(wants)
+                 if states[w] not in ("draining", "terminated")]
+        got = set_based.claim(conn, [(w, n) for _, w, n in open_],
+                              self.settings.boss.lease_seconds, now)
+        last: dict[int, str] = {}
+        for (_, w, _), assigned in zip(open_, got, strict=True):
+            last[w] = "busy" if assigned else "idle"
+        set_based.seen(conn, last, now)
+        left: bool | None = None  # is any task still to run, asked once
+        for (k, _, _), assigned in zip(open_, got, strict=True):
+            if assigned:
+                out[k] = PopAnswer(assigned)
+                continue
+            if left is None:
+                left = tasks.busy(conn)
+            out[k] = (PopAnswer([], retry_after=self.settings.worker.poll_seconds) if left
+                      else PopAnswer([], drain=True))
+        return out
+
+    def _apply_alone(self, conn: Connection, call: calls.Call, now: float) -> Any:
+        """One call under its own savepoint: its answer, or its error (a BossError)."""
+        try:
+            with fast.savepoint(conn):
+                return self._apply(conn, call, now)
+        except BossError as exc:
+            return exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise  # the connection is gone: the whole batch failed, say why
+            return DatabaseError(f"{type(call).__name__}: {exc}")
+        except SQLAlchemyError as exc:
+            return DatabaseError(f"{type(call).__name__}: {exc}")
 
     def _pop(self, conn: Connection, worker_id: int, n: int, now: float) -> PopAnswer:
         state = workers.state_of(conn, worker_id)

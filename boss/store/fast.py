@@ -95,18 +95,18 @@ def execute_many(conn: Connection, stmt: Executable, rows: Sequence[Params]) -> 
 
 
 @contextmanager
-def savepoint(conn: Connection) -> Iterator[None]:
+def savepoint(conn: Connection, name: str = "ecloud_call") -> Iterator[None]:
     """What ``conn.begin_nested()`` does, for one call of a group commit, at a tenth of
     the cost: on an exception the call's changes are rolled back and it is re-raised."""
-    _run(conn, "SAVEPOINT ecloud_call")
+    _run(conn, f"SAVEPOINT {name}")
     try:
         yield
     except BaseException:
         if not conn.invalidated:
-            _run(conn, "ROLLBACK TO SAVEPOINT ecloud_call")
-            _run(conn, "RELEASE SAVEPOINT ecloud_call")
+            _run(conn, f"ROLLBACK TO SAVEPOINT {name}")
+            _run(conn, f"RELEASE SAVEPOINT {name}")
         raise
-    _run(conn, "RELEASE SAVEPOINT ecloud_call")
+    _run(conn, f"RELEASE SAVEPOINT {name}")
 
 
 def _run(conn: Connection, sql: str) -> None:

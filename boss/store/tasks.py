@@ -36,7 +36,7 @@ class Ended:
 
 # The hot path's statements are built once, with bind parameters: building one
 # (and computing its cache key) cost more than running it, per task.
-_CLAIM = (
+CLAIM = (
     update(Task)
     .where(Task.id.in_(
         select(Task.id).where(Task.state == T.READY)
@@ -66,7 +66,7 @@ def claim(conn: Connection, worker_id: int, n: int, lease: float, now: float) ->
     """Atomically move up to ``n`` ready tasks to running and open their attempts."""
     if n <= 0:
         return []
-    rows = fast.execute(conn, _CLAIM, {"p_n": n, "p_now": now})
+    rows = fast.execute(conn, CLAIM, {"p_n": n, "p_now": now})
     if not rows:
         return []
     # RETURNING order is unspecified: hand them out in claim order
@@ -185,7 +185,7 @@ def expire(conn: Connection, now: float, worker_id: int | None = None) -> list[E
 
 
 _TASK_COUNTS = select(Task.tries, Task.lost, Task.max_tries).where(Task.id == bindparam("p_task"))
-_END_TASK = (update(Task).where(Task.id == bindparam("p_task"))
+END_TASK = (update(Task).where(Task.id == bindparam("p_task"))
              .values(state=bindparam("p_state"), tries=bindparam("p_tries"),
                      lost=bindparam("p_lost"), updated_at=bindparam("p_now"),
                      reason=bindparam("p_reason")))
@@ -195,7 +195,7 @@ def _end(conn: Connection, task_id: int, attempt: AttemptState, reason: str | No
          now: float) -> Outcome:
     task = fast.execute(conn, _TASK_COUNTS, {"p_task": task_id})[0]
     out = after_attempt(attempt, task.tries, task.lost, task.max_tries)
-    fast.execute(conn, _END_TASK, {
+    fast.execute(conn, END_TASK, {
         "p_task": task_id, "p_state": out.task_state, "p_tries": out.tries, "p_lost": out.lost,
         "p_now": now,
         "p_reason": None if out.task_state is T.SUCCEEDED else (reason or None)})

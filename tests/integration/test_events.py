@@ -77,7 +77,9 @@ def test_every_event_kind_and_counts_match(tmp_path: Path) -> None:
         by_state = Counter(a["state"] for a in attempts)
         assert kinds["job.started"] == len(attempts)
         assert kinds["job.finished"] == by_state["succeeded"] + by_state["failed"]
-        assert kinds["job.lost"] == by_state["lost"] == 1
+        # the killed worker may have held a second attempt (its other slot, or one
+        # claimed ahead): each is lost, each with its event
+        assert kinds["job.lost"] == by_state["lost"] >= 1
         ids = {a["id"] for a in attempts}
         for e in events:
             if e["kind"].startswith("job.") and e["attempt_id"] is not None:

@@ -9,12 +9,16 @@ SQLite and on a real PostgreSQL server.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
 
 from boss import calls
 from boss.errors import DatabaseError
 from boss.service import Boss, PopAnswer
 from protocol.messages import Result
-from tests.integration.test_transitions import push, states, task, worker
+from tests.conftest import make_settings
+from tests.integration.test_transitions import bad, ok, push, states, task, worker
 
 NO_SUCH_WORKER = 999_999
 
@@ -48,3 +52,118 @@ def test_the_batch_goes_on_after_a_failed_call(boss: Boss, tmp_path: Path) -> No
     assert isinstance(broken, DatabaseError)
     assert [t.name for t in popped.tasks] == ["b"]
     assert states(boss) == {"a": "succeeded", "b": "running"}
+
+
+def test_a_duplicate_a_late_and_a_foreign_complete_in_one_batch_change_nothing(
+        boss: Boss, tmp_path: Path) -> None:
+    push(boss, tmp_path, [task("a"), task("b"), task("c"), task("d")])
+    w, other = worker(boss), worker(boss)
+    (a,) = boss.claim(w, 1)
+    boss.claim(other, 1)  # b
+    (c,) = boss.claim(other, 1)
+    boss.goodbye(other)  # b and c are lost: their results come too late
+    (b2,) = boss.claim(w, 1)  # b's second attempt (c waits behind it in the queue)
+    first, again, late, foreign, popped = boss.apply([
+        calls.Complete(w, ok(a.attempt_id)),
+        calls.Complete(w, bad(a.attempt_id)),       # the same attempt twice: refused
+        calls.Complete(other, ok(c.attempt_id)),    # lost already
+        calls.Complete(other, ok(b2.attempt_id)),   # not that worker's attempt
+        calls.Pop(w, 5)])
+    assert first is not None and first.task_state == "succeeded"
+    assert (again, late, foreign) == (None, None, None)
+    assert isinstance(popped, PopAnswer) and [t.name for t in popped.tasks] == ["c", "d"]
+    shown = boss.show("a")["attempts"]
+    assert [(x["state"], x["exit_status"]) for x in shown] == [("succeeded", 0)]
+    assert states(boss) == {"a": "succeeded", "b": "running", "c": "running",
+                            "d": "running"}
+    finished = boss.events(kinds=["job.finished"])
+    assert [e["attempt_id"] for e in finished] == [a.attempt_id]
+
+
+def test_parents_finishing_in_one_batch_release_their_child_once(
+        boss: Boss, tmp_path: Path) -> None:
+    push(boss, tmp_path, [task("p1"), task("p2"), task("kid", after=["p1", "p2"]),
+                          task("solo", after=["p2"])])
+    w = worker(boss)
+    p1, p2 = boss.claim(w, 2)
+    ends = boss.apply([calls.Complete(w, ok(p1.attempt_id)),
+                       calls.CompleteAndPop(w, ok(p2.attempt_id), (), 5)])
+    assert ends[0] is not None and ends[0].task_state == "succeeded"
+    ended, popped = ends[1]
+    assert ended is not None and ended.task_state == "succeeded"
+    # the pops come after every complete of the batch: the released children are there
+    assert popped is not None and sorted(t.name for t in popped.tasks) == ["kid", "solo"]
+    ready = boss.events(kinds=["job.ready"])
+    assert sorted((e["task"], e["data"]["released_by"]) for e in ready) == [
+        ("kid", p2.task_id), ("solo", p2.task_id)]
+    finished = {e["task"]: e["id"] for e in boss.events(kinds=["job.finished"])}
+    assert all(e["id"] > finished["p2"] for e in ready)  # the cause before its effects
+
+
+def test_an_event_for_an_attempt_another_call_completes_is_applied_in_call_order(
+        boss: Boss, tmp_path: Path) -> None:
+    push(boss, tmp_path, [task("a"), task("b")])
+    w = worker(boss)
+    a, b = boss.claim(w, 2)
+
+    def staged(attempt_id: int) -> calls.Event:
+        return calls.Event(w, attempt_id, "stage-out.finished", {"bytes": 1})
+
+    # one by one: the first call's event (for b) is stored, the second's (for a, which
+    # the first call completed) comes too late and is dropped
+    ends = boss.apply([calls.CompleteAndPop(w, ok(a.attempt_id), (staged(b.attempt_id),)),
+                       calls.CompleteAndPop(w, ok(b.attempt_id), (staged(a.attempt_id),))])
+    assert [e is not None for e, _ in ends] == [True, True]
+    stored = boss.events(kinds=["job.stage-out.finished"])
+    assert [(e["attempt_id"], e["task_id"]) for e in stored] == [(b.attempt_id, b.task_id)]
+
+
+def test_a_call_failing_in_the_database_alone_is_undone_and_its_neighbours_commit(
+        boss: Boss, tmp_path: Path) -> None:
+    push(boss, tmp_path, [task("a"), task("b")])
+    w = worker(boss)
+    a, b = boss.claim(w, 2)
+    # the wire allows any 64-bit exit status; PostgreSQL's column holds 32 bits
+    huge = Result(a.attempt_id, "failed", exit_status=2**40, reason="odd")
+    first, second = boss.apply([calls.Complete(w, huge), calls.Complete(w, ok(b.attempt_id))])
+    assert second is not None and second.task_state == "succeeded"
+    if boss.store.dialect == "postgresql":
+        assert isinstance(first, DatabaseError) and "out of range" in str(first)
+        assert states(boss) == {"a": "running", "b": "succeeded"}
+    else:
+        assert first is not None and first.task_state == "failed"
+        assert states(boss) == {"a": "failed", "b": "succeeded"}
+
+
+def test_pops_and_completes_of_a_batch_take_a_statement_per_kind_of_row(
+        tmp_path: Path) -> None:
+    boss = Boss(make_settings(tmp_path, f"sqlite:///{tmp_path}/boss.db"))
+    try:
+        boss.init()
+        push(boss, tmp_path, [task(f"t{i}") for i in range(40)])
+        ws = [worker(boss) for _ in range(16)]
+        held = [p.tasks[0] for p in boss.apply([calls.Pop(w, 1) for w in ws])]
+        statements: list[str] = []
+
+        @event.listens_for(boss.store.engine, "connect")
+        def trace(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.set_trace_callback(statements.append)
+
+        boss.store.engine.dispose()  # connections made from now on are traced
+        out = boss.apply([calls.CompleteAndPop(w, ok(a.attempt_id), (), 1)
+                          for w, a in zip(ws, held, strict=True)])
+        assert all(e is not None and p is not None and len(p.tasks) == 1 for e, p in out)
+        # one call at a time: a savepoint and an attempt INSERT each, among some 13
+        # statements per call; together: one of each for the batch (SQLite's trace
+        # shows every row of an executemany, and every trigger, as a statement)
+        def count(start: str) -> int:
+            return sum(1 for s in statements if s.startswith(start))
+
+        assert count("SAVEPOINT") == 1
+        assert count("INSERT INTO attempts") == 1
+        assert count("SELECT a.id, a.task_id") == 1  # the attempts the batch completes
+        assert states(boss) == {**{f"t{i}": "succeeded" for i in range(16)},
+                                **{f"t{i}": "running" for i in range(16, 32)},
+                                **{f"t{i}": "ready" for i in range(32, 40)}}
+    finally:
+        boss.close()

@@ -1,0 +1,256 @@
+"""The hot calls of one group-commit batch, set-based: a statement per kind of row.
+
+One call at a time, a task's complete-and-pop ran some thirteen statements
+(two of them the call's savepoint), each with its own round of Python and, on
+PostgreSQL, of the network: the database thread's whole cost
+(benchmarks/RESULTS.md, "Boss RPC capacity"). Here the completes of a batch
+read their attempts and tasks with one SELECT, write them with one
+``executemany`` each and insert their events with another; the pops read
+their workers with one SELECT, claim with one UPDATE and open every attempt
+with one INSERT. (``executemany`` is SQLite's loop in C, and psycopg's
+pipeline: one round trip.)
+
+The result is what applying the calls one by one gives in this order: every
+complete (with its events) in batch order, then every pop in batch order.
+(The calls of a batch were all waiting at once, none answered yet, so any
+order of them is one the workers could have seen; this one lets a pop take
+the tasks the batch's completes made ready.) A batch whose calls could see
+each other's effects differently in that order
+(one attempt completed twice, an event for an attempt another call of the
+batch completes, a pop for a worker that does not exist) raises
+:class:`Unsuited`, and the caller applies it call by call instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Executable, bindparam, text, update
+
+from boss.lifecycle import AttemptState, TaskState, after_attempt
+from boss.models import Attempt, Task, Worker
+from boss.store import events, fast, tasks
+from protocol.messages import Assignment, Result
+
+A = AttemptState
+T = TaskState
+
+
+class Unsuited(Exception):
+    """The batch must be applied call by call (why: the message)."""
+
+
+@dataclass(frozen=True)
+class Finish:
+    """One complete of the batch, with the progress events sent along with it."""
+
+    worker_id: int | None
+    result: Result
+    events: Sequence[Any] = ()  # boss.calls.Event
+
+
+_ENDING = {"succeeded": A.SUCCEEDED, "failed": A.FAILED, "timeout": A.TIMEOUT,
+           "cancelled": A.CANCELLED}
+
+
+def _by_dialect(sql: dict[str, str]) -> dict[str, Executable]:
+    return {name: text(s) for name, s in sql.items()}
+
+
+# "id IN (the ids)" with one bind for the whole list, so that one statement is
+# compiled and cached whatever the batch's size: a JSON array for SQLite, an
+# array for PostgreSQL
+_IN = {"sqlite": "IN (SELECT value FROM json_each(:ids))",
+       "postgresql": "= ANY(CAST(:ids AS INTEGER[]))"}
+_RUNNING = _by_dialect({
+    d: "SELECT a.id, a.task_id, a.worker_id, t.tries, t.lost, t.max_tries "
+       "FROM attempts a JOIN tasks t ON t.id = a.task_id "
+       f"WHERE a.state = 'running' AND a.id {_IN[d]}"
+       # the fence holds until commit: a concurrent cancel or expiry waits, then finds
+       # the attempt ended (SQLite's write lock is the whole database's already)
+       + (" FOR UPDATE OF a" if d == "postgresql" else "")
+    for d in _IN})
+_EDGES = _by_dialect({
+    d: f"SELECT parent_id, child_id FROM task_edges WHERE parent_id {_IN[d]}" for d in _IN})
+_FREED = _by_dialect({
+    d: "UPDATE tasks SET state = 'ready', updated_at = :now "
+       f"WHERE id {_IN[d]} AND state = 'waiting' AND pending_parents <= 0 RETURNING id"
+    for d in _IN})
+_WORKER_STATES = _by_dialect({
+    d: f"SELECT id, state FROM workers WHERE id {_IN[d]}" for d in _IN})
+_OPEN = _by_dialect({
+    "sqlite":
+        "INSERT INTO attempts (task_id, number, worker_id, state, started_at, "
+        "lease_expires_at) SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+        "json_extract(value, '$[2]'), 'running', :now, :lease FROM json_each(:rows) "
+        "RETURNING id, task_id",
+    "postgresql":
+        "INSERT INTO attempts (task_id, number, worker_id, state, started_at, "
+        "lease_expires_at) SELECT r.t, r.n, r.w, 'running', :now, :lease "
+        "FROM unnest(CAST(:tasks AS INTEGER[]), CAST(:numbers AS INTEGER[]), "
+        "CAST(:workers AS INTEGER[])) AS r(t, n, w) RETURNING id, task_id",
+})
+_FINISH = (update(Attempt).where(Attempt.id == bindparam("p_attempt"), Attempt.state == A.RUNNING)
+           .values(state=bindparam("p_state"), finished_at=bindparam("p_now"),
+                   exit_status=bindparam("p_exit"), reason=bindparam("p_reason"),
+                   metrics=bindparam("p_metrics"), stdout_tail=bindparam("p_stdout"),
+                   stderr_tail=bindparam("p_stderr")))
+_FEWER_PARENTS = (update(Task).where(Task.id == bindparam("p_task"))
+                  .values(pending_parents=Task.pending_parents - bindparam("p_less")))
+_SEEN = update(Worker).where(Worker.id == bindparam("p_worker")).values(
+    last_seen=bindparam("p_now"), state=bindparam("p_state"))
+
+
+def _ids(conn: Connection, ids: Sequence[int]) -> dict[str, Any]:
+    return {"ids": json.dumps(list(ids)) if conn.dialect.name == "sqlite" else list(ids)}
+
+
+def complete(conn: Connection, finishes: Sequence[Finish], now: float
+             ) -> list[tasks.Ended | None]:
+    """End the attempts of ``finishes``; None for each one no longer current (or not its
+    worker's), as :func:`boss.store.tasks.complete` answers."""
+    ids = [f.result.attempt_id for f in finishes]
+    if len(set(ids)) != len(ids):
+        raise Unsuited("one attempt is completed twice in the batch")
+    dialect = conn.dialect.name
+    found = {r.id: r for r in fast.execute(conn, _RUNNING[dialect], _ids(conn, ids))}
+    if len({r.task_id for r in found.values()}) != len(found):
+        raise Unsuited("two running attempts of one task")
+    _stage_events(conn, finishes, set(ids), now)
+    out: list[tasks.Ended | None] = []
+    attempts, task_rows, finished = [], [], []
+    succeeded, cascades = [], []
+    for f in finishes:
+        res, r = f.result, found.get(f.result.attempt_id)
+        if r is None or (f.worker_id is not None and r.worker_id != f.worker_id):
+            out.append(None)
+            continue
+        state = _ENDING[res.outcome]
+        ending = after_attempt(state, r.tries, r.lost, r.max_tries)
+        attempts.append({
+            "p_attempt": res.attempt_id, "p_state": state, "p_now": now,
+            "p_exit": res.exit_status, "p_reason": res.reason or None,
+            "p_metrics": json.dumps(res.metrics), "p_stdout": res.stdout_tail or None,
+            "p_stderr": res.stderr_tail or None})
+        task_rows.append({
+            "p_task": r.task_id, "p_state": ending.task_state, "p_tries": ending.tries,
+            "p_lost": ending.lost, "p_now": now,
+            "p_reason": None if ending.task_state is T.SUCCEEDED else (res.reason or None)})
+        finished.append({"kind": "job.finished", "task_id": r.task_id,
+                         "attempt_id": res.attempt_id, "worker_id": f.worker_id, "ts": now,
+                         "data": {"outcome": res.outcome, "exit_status": res.exit_status,
+                                  "task_state": str(ending.task_state),
+                                  "reason": res.reason, **res.metrics}})
+        if ending.task_state is T.SUCCEEDED:
+            succeeded.append(r.task_id)
+        if ending.cascade:
+            cascades.append(r.task_id)
+        out.append(tasks.Ended(res.attempt_id, r.task_id, ending.task_state))
+    fast.execute_many(conn, _FINISH, attempts)
+    fast.execute_many(conn, tasks.END_TASK, task_rows)
+    events.record_many(conn, finished)
+    _release(conn, succeeded, now)
+    for task_id in cascades:  # rare: a task out of tries; its own event is written
+        tasks.cascade(conn, [task_id], now)
+    return out
+
+
+def _stage_events(conn: Connection, finishes: Sequence[Finish], ending: set[int],
+                  now: float) -> None:
+    """The events sent with the completes, of attempts still running, before they end."""
+    items = [(f, e) for f in finishes for e in f.events]
+    if not items:
+        return
+    if any(e.attempt_id in ending and e.attempt_id != f.result.attempt_id for f, e in items):
+        # applied one by one, the other call's complete may come first and drop it
+        raise Unsuited("an event for an attempt another call of the batch completes")
+    wanted = {e.attempt_id for _, e in items}
+    running: dict[int | None, dict[int, int]] = {}
+    for f, _ in items:
+        if f.worker_id not in running:
+            running[f.worker_id] = (tasks.running_tasks_of(conn, f.worker_id, wanted)
+                                    if f.worker_id is not None else {})
+    events.record_many(conn, [
+        {"kind": "job." + e.kind, "task_id": running[f.worker_id][e.attempt_id],
+         "attempt_id": e.attempt_id, "worker_id": f.worker_id, "data": e.data,
+         "ts": e.ts or now}
+        for f, e in items
+        # a kind that is not a stage step is nothing a worker may write
+        if e.attempt_id in running[f.worker_id] and e.kind in events.WORKER_KINDS])
+
+
+def _release(conn: Connection, parents: Sequence[int], now: float) -> None:
+    """These tasks succeeded: their children have a parent less to wait for; those
+    with none left become ready, each released by its last parent in the batch."""
+    if not parents:
+        return
+    dialect = conn.dialect.name
+    edges = fast.execute(conn, _EDGES[dialect], _ids(conn, parents))
+    if not edges:
+        return
+    order = {p: k for k, p in enumerate(parents)}
+    less = Counter(e.child_id for e in edges)
+    releaser: dict[int, int] = {}  # as one by one: the parent whose decrement freed it
+    for e in sorted(edges, key=lambda e: order[e.parent_id]):
+        releaser[e.child_id] = e.parent_id
+    fast.execute_many(conn, _FEWER_PARENTS, [{"p_task": c, "p_less": n}
+                                             for c, n in sorted(less.items())])
+    ready = [r.id for r in fast.execute(conn, _FREED[dialect],
+                                        {**_ids(conn, sorted(less)), "now": now})]
+    ready.sort(key=lambda i: (order[releaser[i]], i))
+    events.record_many(conn, [{"kind": "job.ready", "task_id": i, "ts": now,
+                               "data": {"released_by": releaser[i]}} for i in ready])
+
+
+def worker_states(conn: Connection, ids: Sequence[int]) -> dict[int, str]:
+    rows = fast.execute(conn, _WORKER_STATES[conn.dialect.name], _ids(conn, sorted(set(ids))))
+    return {int(r.id): str(r.state) for r in rows}
+
+
+def claim(conn: Connection, wants: Sequence[tuple[int, int]], lease: float, now: float
+          ) -> list[list[Assignment]]:
+    """For each (worker, n) in order, what :func:`boss.store.tasks.claim` would give it
+    after the ones before: the ready tasks are taken with one UPDATE, in claim order."""
+    total = sum(n for _, n in wants)
+    if total <= 0:
+        return [[] for _ in wants]
+    rows = fast.execute(conn, tasks.CLAIM, {"p_n": total, "p_now": now})
+    # RETURNING order is unspecified: hand them out in claim order
+    rows.sort(key=lambda r: (-r.priority, r.id))
+    shares, owner, k = [], [], 0
+    for worker_id, n in wants:
+        shares.append(rows[k:k + n])
+        owner += [worker_id] * len(shares[-1])
+        k += n
+    if not rows:
+        return [[] for _ in wants]
+    numbers = [r.tries + r.lost + 1 for r in rows]
+    task_ids = [r.id for r in rows]
+    if conn.dialect.name == "sqlite":
+        params: dict[str, Any] = {"rows": json.dumps(list(zip(task_ids, numbers, owner,
+                                                              strict=True)))}
+    else:
+        params = {"tasks": task_ids, "numbers": numbers, "workers": owner}
+    opened = {r.task_id: r.id for r in fast.execute(
+        conn, _OPEN[conn.dialect.name], {**params, "now": now, "lease": now + lease})}
+    out: list[list[Assignment]] = []
+    started = []
+    for (worker_id, _), share in zip(wants, shares, strict=True):
+        got = [Assignment(opened[r.id], r.id, r.name, r.tries + r.lost + 1,
+                          json.loads(r.document)) for r in share]
+        started += [{"kind": "job.started", "task_id": a.task_id, "attempt_id": a.attempt_id,
+                     "worker_id": worker_id, "data": {"attempt": a.number}, "ts": now}
+                    for a in got]
+        out.append(got)
+    events.record_many(conn, started)
+    return out
+
+
+def seen(conn: Connection, states: dict[int, str], now: float) -> None:
+    """The workers popped: their last contact, and busy or idle."""
+    fast.execute_many(conn, _SEEN, [{"p_worker": w, "p_now": now, "p_state": s}
+                                    for w, s in sorted(states.items())])
