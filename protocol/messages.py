@@ -80,12 +80,17 @@ def _no_constant(text: str) -> Any:
     raise ValueError(f"{text} is not JSON")
 
 
+# built once: json.loads with hooks builds a decoder per call, on every request
+_STRICT = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
+
+
 def _loads(line: bytes, strict: bool = True) -> Any:
     """json.loads, strict (no NaN or Infinity) unless told; deep nesting is a ValueError."""
     try:
         if not strict:
             return json.loads(line)
-        return json.loads(line, parse_float=_finite, parse_constant=_no_constant)
+        # decoded as json.loads decodes bytes
+        return _STRICT.decode(line.decode(json.detect_encoding(line), "surrogatepass"))
     except RecursionError:
         raise ValueError("arrays or objects nested too deeply") from None
 
