@@ -113,6 +113,13 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of this process and of its ended children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def verify(db_url: str, want: Expected) -> dict[str, int]:
     engine = create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1))
     try:
@@ -195,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("(peak RSS of the child is not above an earlier child's; "
                       "figure is a lower bound)")
             base_mb = None
+            cpu = None
         else:
             base_mb = current_rss_mb()
             boss = Boss(settings)
+            self0, kids0 = cpu_seconds()
             start = time.perf_counter()
             res = boss.push(src)
             wall = time.perf_counter() - start
+            self1, kids1 = cpu_seconds()
+            cpu = (self1 - self0, kids1 - kids0)
             boss.close()
             result = res.__dict__
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -212,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"database      {got}")
         print(f"wall          {wall:.2f} s  ({want.tasks / wall:,.0f} tasks/s, "
               f"{(want.tasks + want.edges) / wall:,.0f} rows/s tasks+edges)")
+        if cpu is not None:
+            # on a shared machine the wall time is the share of the cores the push got;
+            # the CPU seconds are what it needed
+            print(f"cpu           {cpu[0] + cpu[1]:.2f} s: {cpu[0]:.2f} s planning and "
+                  f"writing (this process), {cpu[1]:.2f} s checking (helper processes); "
+                  f"load average {os.getloadavg()[0]:.2f}")
         peak_line = f"peak RSS      {rss_mb(peak):.0f} MB"
         if base_mb is not None:
             peak_line += (f" (process before the push: {base_mb:.0f} MB; "

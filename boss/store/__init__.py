@@ -43,17 +43,22 @@ class Store:
         skipped. That is a connection setting that SQLite ignores inside a
         transaction, hence set before it begins and reset after. (A larger page
         cache was tried too: 270 MB more memory at 1M tasks for no measurable gain.)
+        The commit syncs the write-ahead log (synchronous=FULL): a push that was
+        reported done survives a power cut. It costs one fsync, which the checkpoint
+        right after a large commit would do anyway.
         """
         with self._translate(), self.engine.connect() as conn:
             raw: Any = conn.connection.driver_connection if self.dialect == "sqlite" else None
             if raw is not None:
                 raw.execute("PRAGMA foreign_keys=OFF")
+                raw.execute("PRAGMA synchronous=FULL")
             try:
                 with conn.begin():
                     yield conn
             finally:
                 if raw is not None:
                     raw.execute("PRAGMA foreign_keys=ON")
+                    raw.execute("PRAGMA synchronous=NORMAL")
 
     @contextmanager
     def ro(self) -> Iterator[Connection]:

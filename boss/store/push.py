@@ -10,7 +10,9 @@ file rolls the transaction back and the rest of the file is only checked, so
 that every problem is reported; nothing is half-pushed.
 
 Rows go in through the driver's bulk path (executemany on SQLite, COPY on
-PostgreSQL), in primary-key order.
+PostgreSQL), in primary-key order. Into an empty SQLite queue the secondary
+indexes are dropped first and built again before the commit, inside the same
+transaction.
 """
 
 from __future__ import annotations
@@ -106,6 +108,12 @@ class _Insert:
         self.any_tasks = conn.execute(select(Task.id).limit(1)).first() is not None
         self.base = conn.execute(select(func.coalesce(func.max(Task.id), 0))).scalar_one() + 1
         self.first_ready = 0  # rows inserted as ready (before _correct_states)
+        # into an empty queue on SQLite the secondary indexes are dropped and built again
+        # after the rows: one sort each instead of a b-tree insert per row, and DDL is
+        # part of the transaction, so a crash or a refusal rolls the drop back too
+        self.rebuild: list[str] = []
+        if self.dialect == "sqlite" and not self.any_tasks:
+            self.rebuild = _drop_indexes(conn, ("tasks", "task_edges", "task_outputs"))
 
     def run(self, first: Chunk, rest: Iterator[Chunk]) -> PushResult:
         planner, p = self.planner, self.plan
@@ -122,6 +130,8 @@ class _Insert:
         self._insert_late(external)
         self._count(self.first_ready, self.pushed - self.first_ready)
         ready = self._correct_states(external)
+        for sql in self.rebuild:  # after the corrections, which then touch no index
+            self.conn.exec_driver_sql(sql)
         if self.dialect == "postgresql":
             self.conn.execute(text(
                 "SELECT setval(pg_get_serial_sequence('tasks', 'id'), "
@@ -310,6 +320,21 @@ class _Insert:
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _drop_indexes(conn: Connection, tables: Sequence[str]) -> list[str]:
+    """Drop the tables' secondary indexes; return the statements that make them again.
+
+    Indexes behind a constraint (primary keys, UNIQUE) have no SQL of their own in
+    sqlite_master and stay.
+    """
+    marks = ", ".join("?" for _ in tables)
+    rows = conn.exec_driver_sql(
+        f"SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
+        f"AND tbl_name IN ({marks}) ORDER BY name", tuple(tables)).all()
+    for name, _ in rows:
+        conn.exec_driver_sql(f'DROP INDEX "{name}"')
+    return [sql for _, sql in rows]
 
 
 def _lookup_names(conn: Connection, names: Iterable[str]) -> dict[str, tuple[int, str]]:

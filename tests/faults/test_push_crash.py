@@ -101,6 +101,10 @@ def sqlite_outcome(db: Path) -> Outcome:
     try:
         check = con.execute("PRAGMA integrity_check").fetchall()
         assert check == [("ok",)], f"the database is damaged: {check}"
+        # a push into an empty queue drops these inside its transaction: a kill undoes that
+        found = {name for (name,) in con.execute("SELECT name FROM sqlite_master "
+                                                 "WHERE type = 'index'")}
+        assert {"ix_tasks_claim_order", "ix_task_edges_child_id"} <= found, found
         return read_outcome(lambda q: con.execute(q).fetchall())
     finally:
         con.close()
