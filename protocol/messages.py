@@ -112,7 +112,8 @@ def parse_request(line: bytes) -> Request:
     rid = obj.get("id")
     if not isinstance(rid, int) or isinstance(rid, bool):
         raise ProtocolError(Code.MALFORMED, "'id' must be an integer")
-    if obj.get("v") != VERSION:
+    version = obj.get("v")
+    if type(version) is not int or version != VERSION:  # true == 1 in Python, not in JSON
         raise ProtocolError(Code.VERSION, f"protocol version {obj.get('v')!r} unsupported "
                             f"(this boss speaks {VERSION})")
     call = obj.get("call")

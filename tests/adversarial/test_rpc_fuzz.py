@@ -506,6 +506,19 @@ def test_what_fuzzing_found(world: World, case: str) -> None:
     world.rebase()  # that heartbeat was valid: it renewed the worker's last_seen
 
 
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_a_version_that_only_python_equates_with_1(world: World, version: object) -> None:
+    """Found by the fuzzing: ``"v": true`` passed as version 1 (True == 1 in Python), and
+    a goodbye carrying it ended the worker."""
+    rid = next(world.ids)
+    line = encode({"v": version, "id": rid, "call": "goodbye", "args": {}})
+    world.send("found", line, rid, after_hello=True)
+    assert world.bound is not None, "the connection should stay open"
+    r = world.bound.send(messages.request(next(world.ids), "heartbeat", {"attempts": []}))
+    assert r is not None and r["ok"], r
+    world.rebase()
+
+
 @pytest.mark.parametrize("after_hello", [False, True], ids=["before-hello", "after-hello"])
 def test_lines_over_the_limit(world: World, after_hello: bool) -> None:
     """16 MiB and more without a newline: one error, then the server closes the stream."""
