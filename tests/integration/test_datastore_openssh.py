@@ -60,6 +60,13 @@ def leftovers(top: Path) -> list[str]:
     return [p.name for p in top.rglob("*") if ".ecloud-part-" in p.name]
 
 
+def write_tree(root: Path, files: dict[str, bytes]) -> None:
+    """Make the remote files (relative path -> contents) under ``root``."""
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
 @pytest.fixture
 def small_big_file(monkeypatch: pytest.MonkeyPatch) -> int:
     """Make 1 MiB "big" so that a test file of a few MiB takes the OpenSSH path."""
@@ -95,9 +102,7 @@ def test_a_directory_comes_through_several_sftp_connections(sshd: Sshd,
         files[f"d{i % 3}/sub{i % 2}/f{i:03d}"] = os.urandom(i * 37)  # f000 is empty
     for name in ODD_NAMES:
         files[f"odd/{name}"] = name.encode() * 3
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
+    write_tree(root, files)
     dest = tmp_path / "local"
     with Datastore({}, sftp_url(sshd, root)) as store:
         fs, rpath = store.resolve(parse_remote("default:./"))
@@ -117,9 +122,7 @@ def test_a_directory_through_the_cache(sshd: Sshd, tmp_path: Path) -> None:
     gets its entries from the sftp downloads; a second copy is all hits."""
     root = tmp_path / "remote"
     files = {f"t/f{i:03d}": os.urandom(100 + i) for i in range(datastore.BULK_FILES + 1)}
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
+    write_tree(root, files)
     cache = Cache(tmp_path / "cache", 10 << 20)
 
     def fetch(fs: datastore.FileSystem, rpath: str, local: Path) -> int:
@@ -269,9 +272,7 @@ def test_a_server_refusing_extra_logins_leaves_fewer_connections(tmp_path: Path)
     try:
         root = tmp_path / "remote"
         files = {f"f{i:03d}": os.urandom(64) for i in range(4 * datastore.BULK_FILES)}
-        root.mkdir()
-        for rel, data in files.items():
-            (root / rel).write_bytes(data)
+        write_tree(root, files)
         dest = tmp_path / "local"
         with Datastore({}, sftp_url(server, root)) as store:
             fs, rpath = store.resolve(parse_remote("default:./"))
