@@ -179,6 +179,10 @@ def serve() -> None:
     """A helper process: check the chunks that arrive on stdin until it closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pushing process decides
     gc.freeze()  # what the imports made lives on: collections need not look at it
+    # and none while a chunk is checked: its thousands of records, each a tuple holding
+    # lists, made the collector run over and over (3.9 -> 3.3 us a document); one
+    # collection after each chunk, when they are gone, finds any cycle a refusal made
+    gc.disable()
     stdin = sys.stdin.buffer
     stdout = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print cannot corrupt the records
@@ -186,6 +190,7 @@ def serve() -> None:
         while True:
             data, first, default_bucket = _receive(stdin)
             _send(stdout, check_lines(data, first, default_bucket))
+            gc.collect()
     except (EOFError, BrokenPipeError):
         pass
     os._exit(0)  # the pushing process went away or is done: nothing to flush

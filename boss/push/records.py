@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from protocol.document import RemotePath, TaskDocument, describe, validate
+from protocol.document import RemotePath, TaskDocument, describe, quick_check_json, validate
 
 MAX_LINE_BYTES = 1_000_000  # one task document; far larger means a mistake
 # Python's json gives up about 1,000 levels down; a task document is 4 levels deep
@@ -37,6 +37,25 @@ def _record(doc: TaskDocument, line: int | None, default_bucket: str) -> Record:
     return (OK, line, doc.name, doc.priority, doc.retries + 1, doc.after, outs, ins)
 
 
+def _quick_pairs(paths: dict[str, str], default_bucket: str) -> tuple[tuple[str, str], ...]:
+    """parse_remote() of keys the quick check passed: only the split is left to do."""
+    out = []
+    for key in paths:
+        bucket, sep, path = key.partition(":")
+        out.append((bucket, path) if sep else (default_bucket, key))
+    return tuple(out)
+
+
+def _quick_record(doc: dict[str, Any], line: int, default_bucket: str) -> Record:
+    """The record of a document that quick_check_json() passed (TaskDocument's defaults)."""
+    get = doc.get
+    outs = get("outputs")
+    ins = get("inputs")
+    return (OK, line, get("name"), get("priority", 0), get("retries", 0) + 1,
+            get("after", []), _quick_pairs(outs, default_bucket) if outs else (),
+            _quick_pairs(ins, default_bucket) if ins else ())
+
+
 def check_value(raw: Any, index: int, line: int | None, default_bucket: str) -> Record:
     """Validate one decoded document the careful way (every problem reported)."""
     doc, errs = validate(raw, describe(index, line, raw))
@@ -48,13 +67,16 @@ def check_value(raw: Any, index: int, line: int | None, default_bucket: str) -> 
 def check_lines(data: bytes, first_line: int, default_bucket: str) -> list[Record]:
     """Check a run of whole JSON lines; one record per line that is not blank.
 
-    The fast path validates the raw bytes in one pydantic call; anything it
-    refuses is decoded and validated again the careful way, so a bad document
-    is described exactly as it would be otherwise (and one pydantic refuses
-    only because of its JSON parser, such as a lone surrogate, is judged by
-    Python's ``json`` as before).
+    The quick path (:func:`protocol.document.quick_check_json`, pydantic-core
+    alone) passes almost every valid line; what it does not pass goes to
+    TaskDocument's own JSON validation, which accepts exactly what it accepted
+    before there was a quick path; anything that refuses is decoded and
+    validated again the careful way, so a bad document is described exactly as
+    it would be otherwise (and one pydantic refuses only because of its JSON
+    parser, such as a lone surrogate, is judged by Python's ``json`` as before).
     """
     out: list[Record] = []
+    quick = quick_check_json
     fast = TaskDocument.model_validate_json
     lines = data.split(b"\n")
     # the last piece is b"" when data ends with a newline, else a line without one
@@ -70,6 +92,10 @@ def check_lines(data: bytes, first_line: int, default_bucket: str) -> list[Recor
             # _line_chunks() cut a longer line short: "more than", not its size
             out.append((BAD, False, [f"line {lineno}: a task of more than {MAX_LINE_BYTES} "
                                      "bytes (one task a line; is this a JSON-lines file?)"]))
+            continue
+        found = quick(line)
+        if found is not None:
+            out.append(_quick_record(found, lineno, default_bucket))
             continue
         try:
             doc = fast(line)
