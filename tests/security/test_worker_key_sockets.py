@@ -67,8 +67,6 @@ def unix_greeter(tmp_path: Path) -> Iterator[Greeter]:
     server.close()
 
 
-
-
 def forward(server: Sshd, key: Path, target: str) -> bytes:
     """``ssh -N -L PORT:TARGET`` with the worker key; what a client of PORT reads."""
     port = free_port()
@@ -94,7 +92,9 @@ def forward(server: Sshd, key: Path, target: str) -> bytes:
                 time.sleep(0.05)
         raise AssertionError("ssh -L did not listen")
     finally:
-        proc.terminate()
+        # SIGKILL, not SIGTERM: an ssh busy with a refused channel was seen to
+        # outlive a SIGTERM by more than WAIT in CI
+        proc.kill()
         proc.wait(WAIT)
 
 
