@@ -87,6 +87,23 @@ class CompleteAndPop:
 
 
 @dataclass(frozen=True)
+class CompleteMany:
+    """A worker reports several attempts at once (with the events still queued) and asks
+    for up to ``n`` more tasks: the answer is ``(list[Ended | None], PopAnswer | None)``,
+    one Ended (or None: not current) per result, in order.
+
+    Unlike :class:`CompleteAndPop` the tasks are claimed whatever became of the
+    results: the reply tells the worker which results were refused, so it
+    keeps the tasks either way.
+    """
+
+    worker_id: int
+    results: tuple[Result, ...]
+    events: tuple[Event, ...] = ()
+    n: int = 0
+
+
+@dataclass(frozen=True)
 class Goodbye:
     """The worker leaves: its running attempts are lost (requeued)."""
 
@@ -99,5 +116,5 @@ class ExpireLeases:
     """The reaper: attempts past their lease are lost; the answer is the Ended list."""
 
 
-Call = (Hello | Pop | Heartbeat | Complete | Event | Events | CompleteAndPop | Goodbye
-        | ExpireLeases)
+Call = (Hello | Pop | Heartbeat | Complete | Event | Events | CompleteAndPop | CompleteMany
+        | Goodbye | ExpireLeases)

@@ -27,9 +27,9 @@ from boss.store import Store, fast, reads, tasks, workers
 from boss.store import batch as set_based
 from boss.store import events as event_rows
 from boss.store.push import PushResult, push_file
-from boss.store.tasks import Ended
+from boss.store.tasks import Claimed, Ended
 from protocol.document import BUCKET_RE
-from protocol.messages import Assignment, Result
+from protocol.messages import Result
 from protocol.settings import Settings, absolute_url, hide_password
 
 DEFAULT_BUCKET = "default"
@@ -351,7 +351,7 @@ class Boss:
 
     # --- transitions (batched by the RPC server) --------------------------
 
-    def claim(self, worker_id: int, n: int) -> list[Assignment]:
+    def claim(self, worker_id: int, n: int) -> list[Claimed]:
         answer: PopAnswer = self.apply_one(calls.Pop(worker_id, n))
         return answer.tasks
 
@@ -396,36 +396,40 @@ class Boss:
 
         The pops and completes of the batch go first, set-based
         (:mod:`boss.store.batch`: a statement per kind of row, not per call);
-        when that fails or does not suit the batch, it is undone and every call
-        runs alone under its savepoint, so that a failing call is found and
-        rolled back by itself.
+        when that fails or does not suit the batch, its transaction is rolled
+        back and a new one runs every call alone under its savepoint, so that a
+        failing call is found and rolled back by itself. (A savepoint around the
+        set-based part would do the same in one transaction, but SQLite then
+        copies every page the batch touches into its statement journal.)
         """
         now = time.time()
+        if len(batch) == 1:
+            return [self._apply_only(batch[0], now)]
+        if sum(isinstance(call, _HOT) for call in batch) >= 2:
+            # one hot call alone: its own statements are the tuned path, and cheaper
+            try:
+                with self.store.tx() as conn:
+                    return self._apply_together(conn, batch, now)
+            except _CallByCall:
+                pass
         with self.store.tx() as conn:
-            out = self._apply_together(conn, batch, now)
-            if out is None:
-                out = [self._apply_alone(conn, call, now) for call in batch]
-        return out
+            return [self._apply_alone(conn, call, now) for call in batch]
 
     def _apply_together(self, conn: Connection, batch: Sequence[calls.Call], now: float
-                        ) -> list[Any] | None:
-        """The pops and completes set-based, then the other calls one by one; None, and
-        nothing changed, when the batch must be applied call by call."""
-        hot = [(k, call) for k, call in enumerate(batch)
-               if isinstance(call, (calls.Pop, calls.Complete, calls.CompleteAndPop))]
-        if len(hot) < 2:
-            return None  # one call: its own statements are the tuned path, and cheaper
+                        ) -> list[Any]:
+        """The pops and completes set-based, then the other calls one by one; raise
+        _CallByCall (to roll back) when the batch must be applied call by call."""
+        hot = [(k, call) for k, call in enumerate(batch) if isinstance(call, _HOT)]
         try:
-            with fast.savepoint(conn, "ecloud_batch"):
-                answers = self._set_based(conn, [call for _, call in hot], now)
-        except set_based.Unsuited:
-            return None
+            answers = self._set_based(conn, [call for _, call in hot], now)
+        except set_based.Unsuited as exc:
+            raise _CallByCall(str(exc)) from exc
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise  # the connection is gone: the whole batch failed, say why
-            return None  # some call fails: which one, call by call will tell
-        except (BossError, SQLAlchemyError):
-            return None
+            raise _CallByCall(str(exc)) from exc  # some call fails: which one, alone tells
+        except (BossError, SQLAlchemyError) as exc:
+            raise _CallByCall(str(exc)) from exc
         out: list[Any] = [None] * len(batch)
         for (k, _), answer in zip(hot, answers, strict=True):
             out[k] = answer
@@ -435,30 +439,49 @@ class Boss:
                 out[k] = self._apply_alone(conn, call, now)
         return out
 
-    def _set_based(self, conn: Connection,
-                   batch: Sequence[calls.Pop | calls.Complete | calls.CompleteAndPop],
-                   now: float) -> list[Any]:
+    def _set_based(self, conn: Connection, batch: Sequence[calls.Call], now: float
+                   ) -> list[Any]:
         """Every complete (with its events) in batch order, then every pop in batch order
         (a complete-and-pop's own once its result was accepted, as :meth:`_apply`)."""
-        ends = [(k, call) for k, call in enumerate(batch)
-                if isinstance(call, (calls.Complete, calls.CompleteAndPop))]
-        finishes = [set_based.Finish(call.worker_id, call.result,
-                                     call.events if isinstance(call, calls.CompleteAndPop)
-                                     else ())
-                    for _, call in ends]
-        ended: dict[int, Ended | None] = dict(zip(
-            [k for k, _ in ends], set_based.complete(conn, finishes, now) if ends else [],
-            strict=True))
-        pops = [(k, call.worker_id, call.n) for k, call in enumerate(batch)
-                if isinstance(call, calls.Pop)
-                or (isinstance(call, calls.CompleteAndPop) and call.n > 0
-                    and ended[k] is not None)]
-        popped = dict(zip([k for k, _, _ in pops],
-                          self._pop_many(conn, [(w, n) for _, w, n in pops], now),
-                          strict=True))
-        return [(ended[k], popped.get(k)) if isinstance(call, calls.CompleteAndPop)
-                else ended[k] if isinstance(call, calls.Complete) else popped[k]
-                for k, call in enumerate(batch)]
+        finishes: list[set_based.Finish] = []
+        for call in batch:
+            if isinstance(call, calls.Complete):
+                finishes.append(set_based.Finish(call.worker_id, call.result))
+            elif isinstance(call, calls.CompleteAndPop):
+                finishes.append(set_based.Finish(call.worker_id, call.result, call.events))
+            elif isinstance(call, calls.CompleteMany):
+                finishes += _finishes(call)
+        ended = iter(set_based.complete(conn, finishes, now) if finishes else [])
+        endings: list[Any] = []  # per call: its Ended (or None), or its list of them
+        wants: list[tuple[int, int]] = []
+        for call in batch:
+            if isinstance(call, calls.CompleteMany):
+                endings.append([next(ended) for _ in call.results])
+                if call.n > 0:
+                    wants.append((call.worker_id, call.n))
+            elif isinstance(call, (calls.Complete, calls.CompleteAndPop)):
+                endings.append(next(ended))
+                if (isinstance(call, calls.CompleteAndPop) and call.n > 0
+                        and endings[-1] is not None):
+                    wants.append((call.worker_id, call.n))
+            else:
+                assert isinstance(call, calls.Pop)
+                endings.append(None)
+                wants.append((call.worker_id, call.n))
+        popped = iter(self._pop_many(conn, wants, now))
+        out: list[Any] = []
+        for call, ending in zip(batch, endings, strict=True):
+            if isinstance(call, calls.Pop):
+                out.append(next(popped))
+            elif isinstance(call, calls.Complete):
+                out.append(ending)
+            elif isinstance(call, calls.CompleteMany):
+                out.append((ending, next(popped) if call.n > 0 else None))
+            else:
+                assert isinstance(call, calls.CompleteAndPop)
+                out.append((ending, next(popped) if call.n > 0 and ending is not None
+                            else None))
+        return out
 
     def _pop_many(self, conn: Connection, wants: Sequence[tuple[int, int]], now: float
                   ) -> list[PopAnswer]:
@@ -494,14 +517,20 @@ class Boss:
         try:
             with fast.savepoint(conn):
                 return self._apply(conn, call, now)
-        except BossError as exc:
-            return exc
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise  # the connection is gone: the whole batch failed, say why
-            return DatabaseError(f"{type(call).__name__}: {exc}")
-        except SQLAlchemyError as exc:
-            return DatabaseError(f"{type(call).__name__}: {exc}")
+        except (BossError, SQLAlchemyError) as exc:
+            return _call_error(call, exc)
+
+    def _apply_only(self, call: calls.Call, now: float) -> Any:
+        """A batch of one call: :meth:`_apply_alone` without the savepoint, the call's
+        failure rolling back its whole transaction (one statement pair less per call)."""
+        try:
+            with self.store.tx() as conn:
+                try:
+                    return self._apply(conn, call, now)
+                except (BossError, SQLAlchemyError) as exc:
+                    raise _Failed(_call_error(call, exc)) from exc
+        except _Failed as failed:
+            return failed.answer
 
     def _pop(self, conn: Connection, worker_id: int, n: int, now: float) -> PopAnswer:
         state = workers.state_of(conn, worker_id)
@@ -541,6 +570,11 @@ class Boss:
                 if ended is None or n <= 0:
                     return ended, None
                 return ended, self._pop(conn, worker_id, n, now)
+            case calls.CompleteMany(worker_id, results, items, n):
+                if items:
+                    self._events(conn, worker_id, items, now)
+                endings = [tasks.complete(conn, worker_id, r, now) for r in results]
+                return endings, (self._pop(conn, worker_id, n, now) if n > 0 else None)
             case calls.Events(worker_id, items):
                 return self._events(conn, worker_id, items, now)
             case calls.Heartbeat(worker_id, attempt_ids):
@@ -578,11 +612,52 @@ class Boss:
         raise TypeError(f"not a worker call: {call!r}")
 
 
+_HOT = (calls.Pop, calls.Complete, calls.CompleteAndPop, calls.CompleteMany)
+
+
+def _call_error(call: calls.Call, exc: BossError | SQLAlchemyError) -> BossError:
+    """A failed call's answer; raise again when the database connection is gone (the
+    whole batch failed: the group commit retries it)."""
+    if isinstance(exc, BossError):
+        return exc
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        raise exc
+    return DatabaseError(f"{type(call).__name__}: {exc}")
+
+
+class _Failed(Exception):
+    """A batch of one failed: roll its transaction back, answer ``answer``."""
+
+    def __init__(self, answer: BossError) -> None:
+        self.answer = answer
+
+
+class _CallByCall(Exception):
+    """The set-based transaction must be rolled back and the batch applied call by call."""
+
+
+def _finishes(call: calls.CompleteMany) -> list[set_based.Finish]:
+    """One Finish per result; each event goes with its attempt's result, those of
+    attempts the call does not complete with the first (all before any complete, as
+    applying the call alone does)."""
+    ids = {r.attempt_id for r in call.results}
+    own: dict[int, list[calls.Event]] = {}
+    rest: list[calls.Event] = []
+    for e in call.events:
+        (own.setdefault(e.attempt_id, []) if e.attempt_id in ids else rest).append(e)
+    out = [set_based.Finish(call.worker_id, r, own.get(r.attempt_id, ()))
+           for r in call.results]
+    if rest:
+        out[0] = set_based.Finish(call.worker_id, call.results[0],
+                                  (*rest, *own.get(call.results[0].attempt_id, ())))
+    return out
+
+
 @dataclass(frozen=True)
 class PopAnswer:
     """What ``pop`` answers: tasks, or nothing yet (retry after), or drain (all done)."""
 
-    tasks: list[Assignment]
+    tasks: list[Claimed]
     retry_after: float = 0.0
     drain: bool = False
 
@@ -593,7 +668,7 @@ class Beat:
     that it never heard of (to run them rather than let their leases expire)."""
 
     cancel: list[int]
-    adopt: list[Assignment]
+    adopt: list[Claimed]
 
 
 def _unwrap(answer: Any) -> Any:

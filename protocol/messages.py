@@ -20,8 +20,15 @@ Calls and their arguments / results:
 ``event``      events [{attempt_id, kind, data {...}, ts}]  (batched by the worker)
                -> {"not_current": [attempt ids whose events were dropped]}
 ``complete``   attempt_id, outcome, exit_status, reason, metrics, stdout_tail,
-               stderr_tail  -> {"accepted": true}  (error ``not_current`` when
-               the attempt was lost or cancelled: the attempt id fences)
+               stderr_tail  -> {"accepted": true, "task_state": S}  (error
+               ``not_current`` when the attempt was lost or cancelled: the
+               attempt id fences); with ``events`` (still queued) and ``pop``
+               (n more tasks for the freed slot), the pop's reply too.
+               Batched: ``results`` [up to 1024 of those] instead, with
+               ``events`` and ``pop`` -> {"results": [{"accepted": true,
+               "task_state": S} | {"accepted": false, "error": {code,
+               message}}, one per result], and the pop's reply}: a refused
+               result is said in its place, not as the call's error.
 ``goodbye``    reason -> {}
 """
 
@@ -37,6 +44,7 @@ from protocol.errors import Code, ProtocolError
 
 VERSION = 1
 MAX_LINE = 16 * 1024 * 1024  # one message; a task document is far smaller
+MAX_RESULTS = 1024  # results in one batched complete
 CALLS = frozenset({"hello", "pop", "heartbeat", "event", "complete", "goodbye"})
 OUTCOMES = frozenset({"succeeded", "failed", "timeout", "cancelled"})
 
@@ -58,6 +66,14 @@ def request(id: int, call: str, args: dict[str, Any] | None = None) -> bytes:
 
 def ok(id: int | None, result: dict[str, Any]) -> bytes:
     return encode({"id": id, "ok": True, "result": result})
+
+
+def ok_json(id: int | None, result: str) -> bytes:
+    """A reply whose result is already encoded: a JSON object's text, on one line.
+
+    The boss hands task documents out as the text it stored, spliced in
+    rather than decoded and encoded again for every task it hands out."""
+    return f'{{"id":{"null" if id is None else int(id)},"ok":true,"result":{result}}}\n'.encode()
 
 
 def error(id: int | None, code: Code | str, message: str) -> bytes:
@@ -210,6 +226,21 @@ class Result:
                 "exit_status": self.exit_status, "reason": self.reason,
                 "metrics": self.metrics, "stdout_tail": self.stdout_tail,
                 "stderr_tail": self.stderr_tail}
+
+    @classmethod
+    def many_from_wire(cls, raw: Any) -> list[Result]:
+        """The ``results`` of a batched complete: 1 to MAX_RESULTS, each attempt once."""
+        if not isinstance(raw, list) or not 0 < len(raw) <= MAX_RESULTS:
+            raise ProtocolError(Code.MALFORMED, f"'results' must be a list of 1 to "
+                                f"{MAX_RESULTS} results")
+        out = []
+        for item in raw:
+            if not isinstance(item, dict):
+                raise ProtocolError(Code.MALFORMED, "each result must be an object")
+            out.append(cls.from_wire(item))
+        if len({r.attempt_id for r in out}) != len(out):
+            raise ProtocolError(Code.MALFORMED, "an attempt is reported twice in 'results'")
+        return out
 
     @classmethod
     def from_wire(cls, args: dict[str, Any]) -> Result:

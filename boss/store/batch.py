@@ -27,14 +27,15 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, Executable, bindparam, text, update
 
 from boss.lifecycle import AttemptState, TaskState, after_attempt
-from boss.models import Attempt, Task, Worker
+from boss.models import Task, Worker
 from boss.store import events, fast, tasks
-from protocol.messages import Assignment, Result
+from protocol.messages import Result
 
 A = AttemptState
 T = TaskState
@@ -94,11 +95,9 @@ _OPEN = _by_dialect({
         "FROM unnest(CAST(:tasks AS INTEGER[]), CAST(:numbers AS INTEGER[]), "
         "CAST(:workers AS INTEGER[])) AS r(t, n, w) RETURNING id, task_id",
 })
-_FINISH = (update(Attempt).where(Attempt.id == bindparam("p_attempt"), Attempt.state == A.RUNNING)
-           .values(state=bindparam("p_state"), finished_at=bindparam("p_now"),
-                   exit_status=bindparam("p_exit"), reason=bindparam("p_reason"),
-                   metrics=bindparam("p_metrics"), stdout_tail=bindparam("p_stdout"),
-                   stderr_tail=bindparam("p_stderr")))
+# positional (boss.store.fast.run_many), run once per task of the batch
+_FINISH = ("UPDATE attempts SET state = ?, finished_at = ?, exit_status = ?, reason = ?, "
+           "metrics = ?, stdout_tail = ?, stderr_tail = ? WHERE id = ? AND state = 'running'")
 _FEWER_PARENTS = (update(Task).where(Task.id == bindparam("p_task"))
                   .values(pending_parents=Task.pending_parents - bindparam("p_less")))
 _SEEN = update(Worker).where(Worker.id == bindparam("p_worker")).values(
@@ -122,7 +121,9 @@ def complete(conn: Connection, finishes: Sequence[Finish], now: float
         raise Unsuited("two running attempts of one task")
     _stage_events(conn, finishes, set(ids), now)
     out: list[tasks.Ended | None] = []
-    attempts, task_rows, finished = [], [], []
+    attempts: list[tuple[Any, ...]] = []
+    task_rows: list[tuple[Any, ...]] = []
+    finished: list[tuple[Any, ...]] = []
     succeeded, cascades = [], []
     for f in finishes:
         res, r = f.result, found.get(f.result.attempt_id)
@@ -131,32 +132,37 @@ def complete(conn: Connection, finishes: Sequence[Finish], now: float
             continue
         state = _ENDING[res.outcome]
         ending = after_attempt(state, r.tries, r.lost, r.max_tries)
-        attempts.append({
-            "p_attempt": res.attempt_id, "p_state": state, "p_now": now,
-            "p_exit": res.exit_status, "p_reason": res.reason or None,
-            "p_metrics": json.dumps(res.metrics), "p_stdout": res.stdout_tail or None,
-            "p_stderr": res.stderr_tail or None})
-        task_rows.append({
-            "p_task": r.task_id, "p_state": ending.task_state, "p_tries": ending.tries,
-            "p_lost": ending.lost, "p_now": now,
-            "p_reason": None if ending.task_state is T.SUCCEEDED else (res.reason or None)})
-        finished.append({"kind": "job.finished", "task_id": r.task_id,
-                         "attempt_id": res.attempt_id, "worker_id": f.worker_id, "ts": now,
-                         "data": {"outcome": res.outcome, "exit_status": res.exit_status,
-                                  "task_state": str(ending.task_state),
-                                  "reason": res.reason, **res.metrics}})
+        metrics = json.dumps(res.metrics)
+        attempts.append((state.value, now, res.exit_status, res.reason or None, metrics,
+                         res.stdout_tail or None, res.stderr_tail or None, res.attempt_id))
+        task_rows.append(tasks.end_task_row(r.task_id, ending, res.reason, now))
+        # the event's data: the outcome, then the metrics (a metric of the same name wins,
+        # as in a dict merged in that order: JSON's last duplicate key does)
+        head = _finished_head(res.outcome, res.exit_status, ending.task_state.value,
+                              res.reason)
+        finished.append((now, "job.finished", r.task_id, res.attempt_id, f.worker_id,
+                         head + ("," + metrics[1:] if res.metrics else "}")))
         if ending.task_state is T.SUCCEEDED:
             succeeded.append(r.task_id)
         if ending.cascade:
             cascades.append(r.task_id)
         out.append(tasks.Ended(res.attempt_id, r.task_id, ending.task_state))
-    fast.execute_many(conn, _FINISH, attempts)
-    fast.execute_many(conn, tasks.END_TASK, task_rows)
-    events.record_many(conn, finished)
+    fast.run_many(conn, _FINISH, attempts)
+    fast.run_many(conn, tasks.END_TASK, task_rows)
+    fast.run_many(conn, events.INSERT, finished)
     _release(conn, succeeded, now)
     for task_id in cascades:  # rare: a task out of tries; its own event is written
         tasks.cascade(conn, [task_id], now)
     return out
+
+
+@lru_cache(maxsize=1024)
+def _finished_head(outcome: str, exit_status: int | None, task_state: str, reason: str
+                   ) -> str:
+    """The start of a job.finished event's data, without its closing brace (most tasks
+    end alike: encoded once)."""
+    return json.dumps({"outcome": outcome, "exit_status": exit_status,
+                       "task_state": task_state, "reason": reason})[:-1]
 
 
 def _stage_events(conn: Connection, finishes: Sequence[Finish], ending: set[int],
@@ -212,7 +218,7 @@ def worker_states(conn: Connection, ids: Sequence[int]) -> dict[int, str]:
 
 
 def claim(conn: Connection, wants: Sequence[tuple[int, int]], lease: float, now: float
-          ) -> list[list[Assignment]]:
+          ) -> list[list[tasks.Claimed]]:
     """For each (worker, n) in order, what :func:`boss.store.tasks.claim` would give it
     after the ones before: the ready tasks are taken with one UPDATE, in claim order."""
     total = sum(n for _, n in wants)
@@ -237,16 +243,15 @@ def claim(conn: Connection, wants: Sequence[tuple[int, int]], lease: float, now:
         params = {"tasks": task_ids, "numbers": numbers, "workers": owner}
     opened = {r.task_id: r.id for r in fast.execute(
         conn, _OPEN[conn.dialect.name], {**params, "now": now, "lease": now + lease})}
-    out: list[list[Assignment]] = []
-    started = []
+    out: list[list[tasks.Claimed]] = []
+    started: list[tuple[Any, ...]] = []
     for (worker_id, _), share in zip(wants, shares, strict=True):
-        got = [Assignment(opened[r.id], r.id, r.name, r.tries + r.lost + 1,
-                          json.loads(r.document)) for r in share]
-        started += [{"kind": "job.started", "task_id": a.task_id, "attempt_id": a.attempt_id,
-                     "worker_id": worker_id, "data": {"attempt": a.number}, "ts": now}
-                    for a in got]
+        got = [tasks.Claimed(opened[r.id], r.id, r.name, r.tries + r.lost + 1, r.document)
+               for r in share]
+        started += [(now, "job.started", a.task_id, a.attempt_id, worker_id,
+                     f'{{"attempt": {a.number}}}') for a in got]
         out.append(got)
-    events.record_many(conn, started)
+    fast.run_many(conn, events.INSERT, started)
     return out
 
 

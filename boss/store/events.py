@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select
+from sqlalchemy import Connection, delete, func, select
 
 from boss.models import Event
 from boss.store import fast
@@ -32,7 +32,10 @@ def routing_key(kind: str, task_id: int | None) -> str:
     return kind
 
 
-_INSERT = insert(Event)
+# plain SQL with positional binds (boss.store.fast.run_many): a batch writes a few
+# of these per task
+INSERT = ("INSERT INTO events (ts, kind, task_id, attempt_id, worker_id, data) "
+          "VALUES (?, ?, ?, ?, ?, ?)")
 
 
 def record(
@@ -45,11 +48,8 @@ def record(
     data: dict[str, Any] | None = None,
     ts: float | None = None,
 ) -> None:
-    fast.execute(
-        conn, _INSERT,
-        {"ts": ts or time.time(), "kind": kind, "task_id": task_id, "attempt_id": attempt_id,
-         "worker_id": worker_id, "data": json.dumps(data) if data else None},
-    )
+    fast.run_many(conn, INSERT, [(ts or time.time(), kind, task_id, attempt_id, worker_id,
+                                  json.dumps(data) if data else None)])
 
 
 def record_many(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
@@ -57,12 +57,10 @@ def record_many(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
     now = time.time()
-    fast.execute_many(
-        conn, _INSERT,
-        [{"ts": r.get("ts", now), "kind": r["kind"], "task_id": r.get("task_id"),
-          "attempt_id": r.get("attempt_id"), "worker_id": r.get("worker_id"),
-          "data": json.dumps(r["data"]) if r.get("data") else None} for r in rows],
-    )
+    fast.run_many(conn, INSERT, [
+        (r.get("ts", now), r["kind"], r.get("task_id"), r.get("attempt_id"),
+         r.get("worker_id"), json.dumps(r["data"]) if r.get("data") else None)
+        for r in rows])
 
 
 def since(conn: Connection, after_id: int = 0, *, limit: int = 1000,

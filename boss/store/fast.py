@@ -20,6 +20,7 @@ from collections import namedtuple
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection
@@ -92,6 +93,33 @@ def execute_many(conn: Connection, stmt: Executable, rows: Sequence[Params]) -> 
         raise _wrapped(conn, c.sql, values, exc, cur) from exc
     finally:
         cur.close()
+
+
+def run_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """Run plain SQL, written with ``?`` placeholders, once per row of ``rows`` (tuples).
+
+    For the statements a group-commit batch runs once per task: binding a tuple by
+    position costs a third of binding a dict by name, and building the tuple less
+    than building the dict. Values must be plain (``str``, not a ``StrEnum``:
+    adapting a subclass is a lookup per value). The SQL must hold no other ``?``
+    or ``%``: on PostgreSQL each ``?`` becomes psycopg's ``%s``.
+    """
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        sql = _pyformat(sql)
+    cur = _cursor(conn)
+    try:
+        cur.executemany(sql, rows)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _wrapped(conn, sql, rows, exc, cur) from exc
+    finally:
+        cur.close()
+
+
+@lru_cache(maxsize=64)
+def _pyformat(sql: str) -> str:
+    return sql.replace("?", "%s")
 
 
 @contextmanager

@@ -28,8 +28,7 @@ from typing import Any
 
 import pytest
 
-from boss import db
-from boss import server as server_module
+from boss import db, group_commit
 from boss.errors import DatabaseError
 from boss.server import Server
 from boss.service import Boss
@@ -140,7 +139,7 @@ print("released", flush=True)
 """
 
 
-@pytest.mark.parametrize("boss_retries", [server_module.DB_RETRY_SECONDS, 0.5],
+@pytest.mark.parametrize("boss_retries", [group_commit.DB_RETRY_SECONDS, 0.5],
                          ids=["boss-retries-through", "lock-outlasts-boss-retries"])
 def test_sqlite_locked_longer_than_busy_timeout(sqlite_boss: Boss, tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture,
@@ -149,7 +148,7 @@ def test_sqlite_locked_longer_than_busy_timeout(sqlite_boss: Boss, tmp_path: Pat
     """With the boss's retries outlasting the lock, the workers never see it; with the
     lock outlasting them, the workers are told "unavailable" and retry by themselves."""
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(server_module, "DB_RETRY_SECONDS", boss_retries)
+    monkeypatch.setattr(group_commit, "DB_RETRY_SECONDS", boss_retries)
     boss = sqlite_boss
     database = Path(str(boss.store.engine.url.database))
     push(boss, tmp_path / "first.jsonl", [f"a{i:03d}" for i in range(TASKS)])
@@ -187,7 +186,7 @@ def test_sqlite_locked_longer_than_busy_timeout(sqlite_boss: Boss, tmp_path: Pat
     wall = time.monotonic() - t0
     log = server_log(caplog)
     retry_lines = [line for line in log.splitlines() if "retrying" in line]
-    boss_lines = [line for line in retry_lines if "boss.server" in line]
+    boss_lines = [line for line in retry_lines if "boss.group_commit" in line]
     worker_lines = [line for line in retry_lines if "worker.client" in line]
     gave_up = [line for line in log.splitlines() if "still unavailable" in line]
     print(f"\nfault 6, SQLite locked: {TASKS} + 50 tasks, {WORKERS} workers x {SLOTS} slots; "

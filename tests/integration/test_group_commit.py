@@ -1,9 +1,10 @@
 """One transaction for a batch of calls: a failing call is rolled back alone.
 
-The RPC server applies every call that arrived together in one transaction,
-each under its own savepoint (boss/store/fast.py); these check that a call
-that fails half-way leaves nothing behind while its neighbours commit, on
-SQLite and on a real PostgreSQL server.
+The RPC server applies every call that arrived together in one transaction:
+its pops and completes set-based, and when that fails, call by call, each
+under its own savepoint (boss/store/fast.py); these check that a call that
+fails half-way leaves nothing behind while its neighbours commit, on SQLite
+and on a real PostgreSQL server.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ def test_a_call_failing_half_way_is_undone_and_its_neighbours_commit(
     started = boss.events(kinds=["job.started"])
     assert sorted(e["task_id"] for e in started) == sorted(
         a.task_id for a in first.tasks + last.tasks)
+
+
+def test_a_call_failing_alone_in_its_batch_is_answered_and_undone(
+        boss: Boss, tmp_path: Path) -> None:
+    """A batch of one has no savepoint: its failure rolls back the whole transaction."""
+    push(boss, tmp_path, [task("a")])
+    (broken,) = boss.apply([calls.Pop(NO_SUCH_WORKER, 1)])
+    assert isinstance(broken, DatabaseError) and "Pop" in str(broken)
+    assert states(boss) == {"a": "ready"}
+    assert boss.events(kinds=["job.started"]) == []
+    (popped,) = boss.apply([calls.Pop(worker(boss), 1)])
+    assert [t.name for t in popped.tasks] == ["a"]
 
 
 def test_the_batch_goes_on_after_a_failed_call(boss: Boss, tmp_path: Path) -> None:
@@ -154,12 +167,14 @@ def test_pops_and_completes_of_a_batch_take_a_statement_per_kind_of_row(
                           for w, a in zip(ws, held, strict=True)])
         assert all(e is not None and p is not None and len(p.tasks) == 1 for e, p in out)
         # one call at a time: a savepoint and an attempt INSERT each, among some 13
-        # statements per call; together: one of each for the batch (SQLite's trace
-        # shows every row of an executemany, and every trigger, as a statement)
+        # statements per call; together: no savepoint and one INSERT for the batch
+        # (SQLite's trace shows every row of an executemany, and every trigger, as a
+        # statement)
         def count(start: str) -> int:
             return sum(1 for s in statements if s.startswith(start))
 
-        assert count("SAVEPOINT") == 1
+        assert count("SAVEPOINT") == 0
+        assert count("BEGIN") == 1  # set-based, it was not undone and applied call by call
         assert count("INSERT INTO attempts") == 1
         assert count("SELECT a.id, a.task_id") == 1  # the attempts the batch completes
         assert states(boss) == {**{f"t{i}": "succeeded" for i in range(16)},

@@ -218,3 +218,105 @@ def _hammer(boss: Boss, port: int, tmp_path: Path) -> None:
     names = [n for s in seen for n in s]
     assert sorted(names) == sorted(f"t{i}" for i in range(n_tasks))
     assert set(states(boss).values()) == {"succeeded"}
+
+
+def test_a_batched_complete_answers_each_result_and_pops(served: tuple[Boss, int],
+                                                         tmp_path: Path) -> None:
+    boss, port = served
+    push(boss, tmp_path, [task("a"), task("b"), task("c"), task("d", after=["a"]),
+                          task("e"), task("f")])
+    _, _, t1 = boss.add_worker(slots=4)
+    _, _, t2 = boss.add_worker(slots=1)
+    c1, c2 = hello(port, t1, slots=4), hello(port, t2, slots=1)
+    held = {t["name"]: t for t in c1.call("pop", {"n": 3})["result"]["tasks"]}
+    assert sorted(held) == ["a", "b", "c"]
+    (other,) = c2.call("pop", {"n": 1})["result"]["tasks"]
+    results = [{"attempt_id": held["a"]["attempt_id"], "outcome": "succeeded",
+                "exit_status": 0, "metrics": {"wall": 0.1}},
+               {"attempt_id": held["b"]["attempt_id"], "outcome": "failed", "exit_status": 3,
+                "reason": "exit status 3"},
+               # another worker's attempt, and one that never existed: refused in place
+               {"attempt_id": other["attempt_id"], "outcome": "succeeded"},
+               {"attempt_id": 999_999, "outcome": "succeeded"}]
+    r = c1.call("complete", {"results": results, "pop": 2, "events": [
+        {"attempt_id": held["c"]["attempt_id"], "kind": "execution.started"},
+        {"attempt_id": held["a"]["attempt_id"], "kind": "execution.finished"}]})
+    assert r["ok"], r
+    answers = r["result"]["results"]
+    assert [a["accepted"] for a in answers] == [True, True, False, False]
+    assert answers[0]["task_state"] == "succeeded" and answers[1]["task_state"] == "failed"
+    assert {a["error"]["code"] for a in answers[2:]} == {"not_current"}
+    # the freed slots took d (released by a) and f: the boss hands out documents whole
+    popped = {t["name"]: t for t in r["result"]["tasks"]}
+    assert sorted(popped) == ["d", "f"]
+    assert popped["d"]["document"]["after"] == ["a"]
+    assert states(boss) == {"a": "succeeded", "b": "failed", "c": "running", "d": "running",
+                            "e": "running", "f": "running"}
+    kinds = {(e["task"], e["kind"]) for e in boss.events(kinds=[
+        "job.execution.started", "job.execution.finished"])}
+    assert kinds == {("c", "job.execution.started"), ("a", "job.execution.finished")}
+    # the same result again: refused in place, the call itself still answered
+    again = c1.call("complete", {"results": results[:1]})["result"]["results"]
+    assert again[0]["accepted"] is False and "tasks" not in again[0]
+    c1.close()
+    c2.close()
+
+
+@pytest.mark.parametrize("results", [[], "x", [1], [{"attempt_id": 1}],
+                                     [{"attempt_id": 1, "outcome": "succeeded"}] * 2,
+                                     [{"attempt_id": i, "outcome": "succeeded"}
+                                      for i in range(1, messages.MAX_RESULTS + 2)]])
+def test_a_bad_batched_complete_is_refused_whole(served: tuple[Boss, int], tmp_path: Path,
+                                                 results: Any) -> None:
+    boss, port = served
+    push(boss, tmp_path, [task("a")])
+    _, _, token = boss.add_worker(slots=2)
+    c = hello(port, token)
+    (a,) = c.call("pop", {"n": 1})["result"]["tasks"]
+    if isinstance(results, list) and results:  # a good result beside: not applied either
+        results = [{"attempt_id": a["attempt_id"], "outcome": "succeeded"}, *results]
+    r = c.call("complete", {"results": results})
+    assert r["error"]["code"] == "malformed", r
+    assert states(boss) == {"a": "running"}
+    c.close()
+
+
+def test_lines_are_cut_wherever_the_packets_end(served: tuple[Boss, int],
+                                                tmp_path: Path) -> None:
+    """A hello and the calls after it in one packet, and a request split across packets:
+    each request is answered once, in its turn, as the worker the hello named."""
+    boss, port = served
+    push(boss, tmp_path, [task("a"), task("b")])
+    _, name, token = boss.add_worker(slots=2)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = sock.makefile("rb")
+    data = (messages.request(1, "hello", {"token": token, "slots": 2})
+            + messages.request(2, "pop", {"n": 1}) + messages.request(3, "pop", {"n": 1}))
+    sock.sendall(data)
+    replies = [json.loads(f.readline()) for _ in range(3)]
+    assert [r["id"] for r in replies[:1]] == [1] and replies[0]["result"]["name"] == name
+    assert sorted(r["result"]["tasks"][0]["name"] for r in replies[1:]) == ["a", "b"]
+    line = messages.request(4, "heartbeat", {"attempts": []})
+    for k in range(len(line)):  # one byte a packet
+        sock.sendall(line[k:k + 1])
+    assert json.loads(f.readline()) == {"id": 4, "ok": True, "result": {"cancel": []}}
+    f.close()
+    sock.close()
+
+
+def test_many_calls_in_flight_on_one_connection_are_all_answered(
+        served: tuple[Boss, int], tmp_path: Path) -> None:
+    """More requests than the server takes at once (it stops reading meanwhile): every
+    one gets its reply, and the connection goes on after."""
+    boss, port = served
+    push(boss, tmp_path, [task("a")])
+    _, _, token = boss.add_worker(slots=2)
+    c = hello(port, token)
+    n = 500
+    c.sock.sendall(b"".join(messages.request(1000 + k, "heartbeat", {"attempts": [k]})
+                            for k in range(n)))
+    got = [json.loads(c.file.readline()) for _ in range(n)]
+    assert sorted(r["id"] for r in got) == list(range(1000, 1000 + n))
+    assert all(r["result"] == {"cancel": [r["id"] - 1000]} for r in got)
+    assert c.call("pop", {"n": 1})["result"]["tasks"][0]["name"] == "a"
+    c.close()
