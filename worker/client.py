@@ -124,6 +124,30 @@ class BossClient:
             raise
         return True, (_pop_reply(r) if pop else None)
 
+    def complete_many(self, results: list[Result], events: list[dict[str, Any]] | None = None,
+                      pop: int = 0) -> tuple[list[bool], PopReply | None]:
+        """:meth:`complete` for several results in one call (the batched form): whether
+        the boss took each, and what it handed out for ``pop``."""
+        args: dict[str, Any] = {"results": [r.to_wire() for r in results]}
+        if events:
+            args["events"] = events
+        if pop:
+            args["pop"] = pop
+        r = self.call("complete", args)
+        taken = r.get("results")
+        if not isinstance(taken, list) or len(taken) != len(results):
+            raise ProtocolError(Code.MALFORMED, "the reply to a batched complete does not "
+                                "answer each result")
+        accepted = []
+        for result, answer in zip(results, taken, strict=True):
+            ok = isinstance(answer, dict) and answer.get("accepted") is True
+            if not ok:
+                why = answer.get("error", {}) if isinstance(answer, dict) else {}
+                log.warning("attempt %s: %s", result.attempt_id,
+                            why.get("message", "refused") if isinstance(why, dict) else why)
+            accepted.append(ok)
+        return accepted, (_pop_reply(r) if pop else None)
+
     def goodbye(self, reason: str) -> None:
         """Leave; best effort (the boss's leases cover a worker that vanishes)."""
         with self._lock:

@@ -7,9 +7,11 @@
   runs attempts (:func:`worker.attempt.run_attempt`) one after another; the
   main thread waits for a slot to free up, the boss's ``retry_after`` to
   pass, or a stop request;
-- a reporter thread per slot sends each result (``complete``, with the
-  queued events) and claims the next tasks into the reserve in the same
-  call, while the slot already runs a task from the reserve;
+- a reporter thread sends the results (``complete``, with the queued
+  events) and claims the next tasks into the reserve in the same call,
+  while the slots already run tasks from the reserve; the results that
+  slots finish while a report is on its way go together in the next one
+  (the batched ``complete``), so many slots finishing at once make one call;
 - a heartbeat thread renews the leases of every attempt claimed and not yet
   reported every ``heartbeat_seconds`` and sets the cancel flag of every
   attempt the boss no longer counts as current (cancelled by the user, or
@@ -29,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -50,6 +52,14 @@ class _Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     renewed: float = field(default_factory=time.monotonic)  # lease last known renewed
+
+
+@dataclass
+class _Report:
+    entry: _Running
+    result: Result
+    want: int  # tasks to claim ahead for the slot
+    done: Future[None] = field(default_factory=Future)
 
 
 @dataclass
@@ -79,8 +89,12 @@ class Worker:
         self._events: list[dict[str, Any]] = []  # progress events waiting to be sent
         self._finished = 0  # attempts ended so far; wakes the pull loop
         self._beats_done = threading.Event()  # set once no attempt is left to renew
-        # sends the slots' reports while the slots run their next tasks
-        self._reporter = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="report")
+        # the slots' reports, sent by one thread while the slots run their next tasks
+        self._reports: list[_Report] = []
+        self._reports_ready = threading.Condition()
+        self._reports_closed = False
+        self._reporter = threading.Thread(target=self._reporting, name="reporter",
+                                          daemon=True)
         self._reserve: deque[_Running] = deque()  # claimed ahead, not started (in _running)
         self._busy = 0  # slot threads alive
         # attempt id -> when this worker first had it: a claim is run once, whether its
@@ -107,6 +121,7 @@ class Worker:
                                 args=(welcome.heartbeat_seconds, welcome.lease_seconds),
                                 name="heartbeat", daemon=True)
         beat.start()
+        self._reporter.start()
         reason = "stopped"
         try:
             reason = self._loop()
@@ -117,7 +132,10 @@ class Worker:
         finally:
             self._stopping.set()
             self._join_all()
-            self._reporter.shutdown(wait=True)
+            with self._reports_ready:
+                self._reports_closed = True  # what is queued still goes out
+                self._reports_ready.notify_all()
+            self._reporter.join()
             with self._lock:
                 # claimed ahead and never started: the goodbye below requeues them
                 for r in self._reserve:
@@ -217,7 +235,7 @@ class Worker:
                 result = run_attempt(a, self.env, self._emitter(a.attempt_id), current.cancel)
                 with self._lock:
                     want = 0 if self._stopping.is_set() else (1 if self._reserve else 2)
-                report = self._reporter.submit(self._report, current, result, want)
+                report = self._queue_report(current, result, want)
                 current = self._take()
                 if current is None:
                     report.result()  # its tasks go to the reserve
@@ -237,38 +255,72 @@ class Worker:
             self._started(entry)
             return entry
 
-    def _report(self, entry: _Running, result: Result, want: int) -> None:
-        """Send the result (with the queued events) and claim ``want`` more tasks for the
-        slot; the attempt counts as running (its lease renewed) until the boss has it."""
-        a = entry.assignment
-        log.info("task %s: attempt %d %s%s", a.name, a.attempt_id, result.outcome,
-                 f" ({result.reason})" if result.reason else "")
+    def _queue_report(self, entry: _Running, result: Result, want: int) -> Future[None]:
+        """Hand a result to the reporter; the future is done once the boss answered."""
+        report = _Report(entry, result, want)
+        with self._reports_ready:
+            self._reports.append(report)
+            self._reports_ready.notify()
+        return report.done
+
+    def _reporting(self) -> None:
+        """The reporter thread: send what the slots queued, all of it in one call."""
+        while True:
+            with self._reports_ready:
+                while not self._reports and not self._reports_closed:
+                    self._reports_ready.wait()
+                batch, self._reports = self._reports, []
+            if not batch:
+                return
+            try:
+                self._report(batch)
+            except Exception:  # a bug: the slots waiting on these must not hang
+                log.exception("reporting %d result(s)", len(batch))
+            finally:
+                for report in batch:
+                    report.done.set_result(None)
+
+    def _report(self, batch: list[_Report]) -> None:
+        """Send the results (with the queued events) and claim what the slots want more;
+        an attempt counts as running (its lease renewed) until the boss has its result."""
+        for r in batch:
+            a = r.entry.assignment
+            log.info("task %s: attempt %d %s%s", a.name, a.attempt_id, r.result.outcome,
+                     f" ({r.result.reason})" if r.result.reason else "")
         with self._lock:
             events, self._events = self._events, []
+        want = sum(r.want for r in batch)
         claimed: list[Assignment] = []
         try:
-            accepted, popped = self.client.complete(result, events, pop=want)
+            if len(batch) == 1:
+                taken, popped = self.client.complete(batch[0].result, events, pop=want)
+                accepted = [taken]
+            else:
+                accepted, popped = self.client.complete_many(
+                    [r.result for r in batch], events, pop=want)
             if popped is not None:
                 claimed = popped.tasks
         except (BossGone, TransportError, ProtocolError) as exc:
-            log.error("task %s: attempt %d could not be reported: %s", a.name,
-                      a.attempt_id, exc)
-            accepted = False
+            for r in batch:
+                log.error("task %s: attempt %d could not be reported: %s",
+                          r.entry.assignment.name, r.entry.assignment.attempt_id, exc)
+            accepted = [False] * len(batch)
         with self._changed:
-            self._running.pop(a.attempt_id, None)
-            self._finished += 1
+            for r, taken in zip(batch, accepted, strict=True):
+                self._running.pop(r.entry.assignment.attempt_id, None)
+                self._finished += 1
+                self.summary.ran += 1
+                if not taken:
+                    self.summary.refused += 1
+                elif r.result.outcome == "succeeded":
+                    self.summary.succeeded += 1
+                else:
+                    self.summary.failed += 1
             # registered at once: their leases are renewed from now on
             mine = [_Running(t) for t in claimed if self._first_time(t)]
-            for r in mine:
-                self._running[r.assignment.attempt_id] = r
-                self._reserve.append(r)
-            self.summary.ran += 1
-            if not accepted:
-                self.summary.refused += 1
-            elif result.outcome == "succeeded":
-                self.summary.succeeded += 1
-            else:
-                self.summary.failed += 1
+            for entry in mine:
+                self._running[entry.assignment.attempt_id] = entry
+                self._reserve.append(entry)
             self._changed.notify_all()
 
     def _emitter(self, attempt_id: int) -> Any:

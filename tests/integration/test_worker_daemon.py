@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from boss import calls
 from boss.server import Server
 from boss.service import Boss
 from protocol.settings import Settings
@@ -138,3 +139,38 @@ def test_tasks_claimed_ahead_never_wait_behind_a_long_one(served: tuple[Boss, Se
         thread.join(BOUND)
     assert not thread.is_alive()
     assert set(states(boss).values()) == {"succeeded"} and out[0].succeeded == 13
+
+
+def test_results_finished_while_a_report_is_on_its_way_go_in_one_call(
+        served: tuple[Boss, Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four slots; the boss holds the first report's transaction until the other slots
+    have finished theirs: those then go together, in one batched complete."""
+    boss, server = served
+    push(boss, tmp_path, [task(f"t{i}") for i in range(4)])
+    worker: Worker | None = None
+    applied: list[object] = []
+    real_apply = boss.apply
+
+    def apply(batch: list[calls.Call]) -> list[object]:
+        ends = [c for c in batch if isinstance(c, (calls.CompleteAndPop, calls.CompleteMany))]
+        if ends and not applied and worker is not None:
+            queued = worker._reports  # the reporter's queue: the results waiting for this one
+            # two slots may finish together and already share this first report
+            first = sum(_results(c) for c in ends)
+            waiting.wait_for(lambda: first + len(queued) == 4, "the other results to queue",
+                             BOUND, every=0.01)
+        applied.extend(ends)
+        return real_apply(batch)
+
+    monkeypatch.setattr(boss, "apply", apply)
+    worker, thread, out = start_worker(boss, server, slots=4, burst=True)
+    thread.join(BOUND)
+    assert not thread.is_alive()
+    assert out[0].succeeded == 4 and out[0].refused == 0
+    assert set(states(boss).values()) == {"succeeded"}
+    sizes = [_results(c) for c in applied]
+    assert len(sizes) == 2 and sum(sizes) == 4, sizes
+
+
+def _results(call: object) -> int:
+    return len(call.results) if isinstance(call, calls.CompleteMany) else 1
