@@ -123,7 +123,7 @@ def ecloud_stage_in(url: str, remote: str, dest: Path, cache_dir: Path | None = 
         if cache is None:
             copy_in(fs, rpath, dest)
         else:
-            copy_in(fs, rpath, dest, fetch=fetch)
+            copy_in(fs, rpath, dest, fetch=fetch, batch=cache.batch)
     seconds = time.perf_counter() - start
     if cache_dir is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)

@@ -272,13 +272,16 @@ class _Attempt:
                 return datastore.get_file(fs, rpath, local)
             return cache.fetch(fs, rpath, local, self.cancel)
 
+        batch = cache.batch if cache is not None else None
+
         moved = 0
         for b in inputs:
             if self.cancel.is_set():
                 raise CancelledError("cancelled during stage-in")
             try:
                 fs, rpath = self._resolve(doc, store, b)
-                moved += datastore.copy_in(fs, rpath, b.local, fetch=fetch, cancel=self.cancel)
+                moved += datastore.copy_in(fs, rpath, b.local, fetch=fetch, batch=batch,
+                                           cancel=self.cancel)
             except RemoteNotFoundError as exc:
                 raise StagingError(f"staging: input {b.remote} not found ({exc}); push it "
                                    f"first or fix {b.field}") from exc

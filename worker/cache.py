@@ -3,47 +3,76 @@
 SimpleTasks kept downloaded inputs in a directory that was "not safe". This one
 is shared by every slot (thread) of every worker process on a host:
 
-    ROOT/entries/KEY                 a complete cached file (read-only)
-    ROOT/locks/KEY.lock              flock: shared while in use, exclusive while
-                                     downloading or evicting
-    ROOT/tmp/KEY.UNIQUE.SIZE.part    a download in progress; its name carries the
-                                     size it reserves against the bound
-    ROOT/index.lock                  flock held while space is counted and reserved
-    ROOT/usage                       an upper bound of the bytes held (entries plus
-                                     reservations), updated under index.lock
+    ROOT/entries/KEY                  a complete cached file (read-only)
+    ROOT/keys.lock                    the keys' locks: one byte each (see below),
+                                      shared while in use, exclusive while
+                                      downloading or evicting
+    ROOT/tmp/KEY.UNIQUE.SIZE.part     a download in progress, or room reserved for a
+                                      batch of them; the name carries the size it
+                                      reserves against the bound
+    ROOT/tmp/KEY.UNIQUE.part          a download inside room a batch reserved
+    ROOT/index.lock                   flock held while space is counted and reserved
+    ROOT/usage                        an upper bound of the bytes held (entries plus
+                                      reservations), updated under index.lock
+    ROOT/boot                         the boot during which entries were added
+                                      without an fsync
 
 KEY is a hash of the source (protocol, host, path) and its version as reported
 by ``fs.info()`` (size plus mtime / ETag / generation), so a changed remote
 file is a new entry and the old one ages out. A download goes to a temporary
 name and is renamed into place, so a crash never leaves a partial entry; its
-leftover temporary file is swept by the next reservation. Two slots needing the
-same input at once download it once: the second waits for the first one's
-exclusive lock and then finds the entry. A reservation that fits under the
-``usage`` bound adds to it and counts nothing; only one that does not counts
-the entries (and sweeps and evicts), then writes the true figure back, so a
-directory of many small inputs costs a constant per file, not a scan of the
-whole cache per file. The bound only ever errs high (a crashed download's
-reservation stays in it until the next count), never lets the cache overgrow.
-Eviction only takes entries whose lock it can take exclusively without
-waiting, so an entry being read is never removed. Callers always get a copy
-(``fetch``), never the cache file itself, because a command may modify its
-inputs.
+leftover temporary file is swept by the next count of the space. Two slots
+needing the same input at once download it once: the second waits for the
+first one's exclusive lock and then finds the entry. A reservation that fits
+under the ``usage`` bound adds to it and counts nothing; only one that does not
+counts the entries (and sweeps and evicts), then writes the true figure back.
+Inside :meth:`Cache.batch` (a directory input) downloads draw on room reserved
+a chunk at a time, so a directory of many small inputs takes the index lock a
+few times, not once per file; what a batch leaves unused is given back when it
+ends. The bound only ever errs high (a crashed download's reservation stays in
+it until the next count), never lets the cache overgrow. Eviction only takes
+entries whose lock it can take exclusively without waiting, so an entry being
+read is never removed.
 
-The cache directory must be on a local filesystem (flock over NFS is not
+A key's lock is a Linux open-file-description lock on one byte of
+ROOT/keys.lock, at an offset hashed from the key: a cold directory of 10,000
+inputs creates no lock file per input, each holder uses its own open file
+description (so threads of one process exclude each other as processes do),
+and a dead process's locks go with it. Two keys on one byte (56-bit offsets)
+would only wait for each other.
+
+An entry is renamed into place without an fsync (one per small file cost more
+than its download). Until the kernel stops, the page cache keeps such a file
+whole whatever has reached the disk; only a crash of the machine can leave one
+partial, and after a crash the kernel has a new boot id. So the first entry
+added without an fsync in a boot first records that boot in ROOT/boot (with an
+fsync), and a cache that finds another boot recorded there drops every entry
+and reservation before anything uses them: after a reboot the cache starts
+empty, never with an entry that may be partial. Where the boot id cannot be
+read, every entry is fsynced before it is renamed in.
+
+Callers always get a copy (``fetch``), never the cache file itself, because a
+command may modify its inputs: a clone of the entry's blocks (FICLONE) where
+the filesystem shares blocks copy-on-write, else an in-kernel copy
+(copy_file_range). A hard link would let a command write through to the entry.
+
+The cache directory must be on a local filesystem (locks over NFS are not
 reliable).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
-import shutil
+import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +86,12 @@ _VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModifi
                    "last_modified", "updated")
 # storage options that say *which* server a path is on (never secrets)
 _WHERE_OPTIONS = ("port", "username", "endpoint_url", "project")
+CHUNK_BYTES = 64 << 20  # room a batch reserves at once, at most (a 16th of the bound at most)
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+_FICLONE = 0x40049409  # linux/fs.h: make the target share the source's blocks
+_NO_CLONE = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+             errno.EBADF, errno.EPERM)
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
 
 
 @dataclass(frozen=True)
@@ -81,14 +116,21 @@ class Cache:
         self.max_bytes = max_bytes
         self.wait_seconds = wait_seconds
         self._entries = self.root / "entries"
-        self._locks = self.root / "locks"
         self._tmp = self.root / "tmp"
         self._counter_lock = threading.Lock()
         self.downloads = 0  # by this Cache object: a measure for tests and metrics
         self.hits = 0
+        self._chunk = max(1, min(CHUNK_BYTES, max_bytes // 16))
+        self._credit = _Credit()
+        self._clone = True  # until the filesystem refuses once
+        self._boot = _boot_id()
+        self._boot_recorded = False
         try:
-            for sub in (self._entries, self._locks, self._tmp):
+            for sub in (self._entries, self._tmp):
                 sub.mkdir(parents=True, exist_ok=True)
+            self._keys = _KeyLocks(self.root / "keys.lock")
+            with self._index():
+                self._check_boot()
         except OSError as exc:
             raise CacheError(f"cache directory {self.root} is not usable: {exc}; "
                              "check [worker] cache_dir") from exc
@@ -103,14 +145,12 @@ class Cache:
         bypass the cache (downloaded straight to ``dest``).
         """
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         with self._hold(fs, path, cancel) as entry:
             if entry is not None:
                 try:
-                    shutil.copyfile(entry, dest)
+                    return self._copy(entry, dest)
                 except OSError as exc:
                     raise CacheError(f"copying cached {path} to {dest}: {exc}") from exc
-                return dest.stat().st_size
         size = get_file(fs, path, dest)
         self._count(download=True)
         return size
@@ -125,6 +165,26 @@ class Cache:
         """
         with self._hold(fs, path, cancel) as entry:
             yield entry is not None
+
+    @contextmanager
+    def batch(self, total: int) -> Iterator[None]:
+        """Let the downloads inside the block, from any thread, reserve room together.
+
+        ``total`` is the most the batch may download (a directory's listed
+        bytes); room is reserved a chunk at a time as downloads need it, and
+        what is left unused goes back to the bound when the last batch ends.
+        """
+        with self._credit.mutex:
+            self._credit.batches += 1
+            self._credit.left += max(0, total)
+        try:
+            yield
+        finally:
+            with self._credit.mutex:
+                self._credit.batches -= 1
+                if self._credit.batches == 0:
+                    self._credit.left = 0
+                    self._give_back()
 
     def entries(self) -> list[CacheEntry]:
         """The complete entries, least recently used first."""
@@ -151,64 +211,148 @@ class Cache:
 
     @contextmanager
     def _hold(self, fs: FileSystem, path: str, cancel: threading.Event | None
-              ) -> Iterator[Path | None]:
+              ) -> Iterator[str | None]:
         """Yield the entry for ``path`` under a lock that keeps it from eviction."""
         with translated(f"reading metadata of {path}"):
-            info = dict(stat(fs, path))  # a directory copy's listing spares the round trip
+            info = stat(fs, path)  # a directory copy's listing spares the round trip
         check_file(info, path)
         size = int(info.get("size") or 0)
         key = self._key(fs, path, info)
         if key is None or size > self.max_bytes:
             yield None
             return
-        entry = self._entries / key
-        lock = self._locks / f"{key}.lock"
-        fd: int | None = self._lock(lock, fcntl.LOCK_SH, cancel)
+        entry = os.path.join(self._entries, key)
+        # a complete entry is read under a shared lock; a missing one is filled under an
+        # exclusive one (locks cannot be upgraded atomically: drop, take, look again)
+        exclusive = _size_of(entry) != size
+        fd: int | None = self._lock(key, exclusive, cancel, path)
         try:
-            if not _complete(entry, size):
-                # flock cannot upgrade atomically: drop the shared lock, take the
-                # exclusive one, and look again (another slot may have filled it)
-                _unlock(fd)
-                fd = None
-                fd = self._lock(lock, fcntl.LOCK_EX, cancel)
-                if _complete(entry, size):
+            while True:
+                found = _size_of(entry)
+                if found == size:
                     self._count(download=False)
-                elif not self._download(fs, path, key, size):
-                    yield None
+                    now = time.time_ns()
+                    os.utime(entry, ns=(now, now))  # mtime is the LRU clock
+                    yield entry
                     return
-            else:
-                self._count(download=False)
-            now = time.time_ns()
-            os.utime(entry, ns=(now, now))  # mtime is the LRU clock
-            yield entry
+                if exclusive:
+                    break
+                assert fd is not None
+                self._keys.unlock(fd, key)  # evicted or damaged since the look
+                fd = None
+                exclusive = True
+                fd = self._lock(key, True, cancel, path)
+            if found is not None:  # wrong size: a stale or damaged entry
+                _unlink(entry)
+            if not self._download(fs, path, key, size):
+                yield None
+                return
+            yield entry  # just written: its mtime is already now
         finally:
-            _unlock(fd)
+            if fd is not None:
+                self._keys.unlock(fd, key)
 
     def _download(self, fs: FileSystem, path: str, key: str, size: int) -> bool:
         """Download into the cache (exclusive lock held); False when there is no room."""
-        entry = self._entries / key
-        entry.unlink(missing_ok=True)  # wrong size: a stale or damaged entry
-        for stale in self._tmp.glob(f"{key}.*"):  # from a crashed download of this key
-            stale.unlink(missing_ok=True)
-        with self._index():
-            if not self._reserve(size):
-                return False
-            temp = self._tmp / f"{key}.{uuid.uuid4().hex}.{size}.part"
-            temp.touch()  # the reservation, visible to the next _make_room
+        unique = uuid.uuid4().hex
+        if self._draw(size):
+            temp = self._tmp / f"{key}.{unique}.part"  # the batch's reservation counts it
+        else:
+            with self._index():
+                if not self._reserve(size):
+                    return False
+                temp = self._tmp / f"{key}.{unique}.{size}.part"
+                temp.touch()  # the reservation, visible to the next _make_room
         try:
-            got = get_file(fs, path, temp)
+            got = get_file(fs, path, temp, in_place=True)
             if got != size:
                 raise DatastoreError(f"{path} changed while being downloaded ({size} bytes "
                                      f"announced, {got} received); retry the task")
-            with open(temp, "rb") as f:
-                os.fsync(f.fileno())  # a renamed-in entry must be complete after a crash
-            temp.chmod(0o444)
-            os.rename(temp, entry)
+            if self._boot is None:
+                with open(temp, "rb") as f:
+                    os.fsync(f.fileno())  # a renamed-in entry must be complete after a crash
+            else:
+                self._record_boot()
+            os.chmod(temp, 0o444)
+            os.rename(temp, os.path.join(self._entries, key))
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
         self._count(download=True)
         return True
+
+    def _copy(self, entry: str, dest: Path) -> int:
+        """Copy ``entry`` to ``dest``: a clone of its blocks where the filesystem can, else
+        in the kernel. Returns the bytes copied."""
+        src = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(src).st_size
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            try:
+                out = os.open(dest, flags, 0o666)
+            except FileNotFoundError:  # the first file of its directory
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                out = os.open(dest, flags, 0o666)
+            try:
+                if size and self._clone:
+                    try:
+                        fcntl.ioctl(out, _FICLONE, src)
+                        return size
+                    except OSError as exc:
+                        if exc.errno not in _NO_CLONE:
+                            raise
+                        self._clone = False  # ext4, tmpfs, or across filesystems
+                return _copy_range(src, out, size)
+            finally:
+                os.close(out)
+        finally:
+            os.close(src)
+
+    # ---- space -------------------------------------------------------------
+
+    def _draw(self, size: int) -> bool:
+        """Take ``size`` bytes from a batch's reserved room, reserving a chunk if needed;
+        False outside a batch or when no chunk fits (the caller reserves alone)."""
+        credit = self._credit
+        with credit.mutex:
+            if credit.batches == 0:
+                return False
+            if credit.room < size:
+                chunk = max(size, min(credit.left, self._chunk))
+                if credit.fd is None:
+                    credit.key = uuid.uuid4().hex  # a fresh key: nobody else locks it
+                    credit.fd = self._keys.try_lock(credit.key, True)
+                    if credit.fd is None:
+                        return False
+                with self._index():
+                    if not self._reserve(chunk):
+                        return False
+                    reservation = self._tmp / f"{credit.key}.{uuid.uuid4().hex}.{chunk}.part"
+                    reservation.touch()
+                credit.files.append(reservation)
+                credit.room += chunk
+            credit.room -= size
+            credit.left = max(0, credit.left - size)
+            return True
+
+    def _give_back(self) -> None:
+        """Drop the batches' reservations and take their unused room off the bound
+        (credit mutex held, no batch running)."""
+        credit = self._credit
+        if credit.fd is None:
+            return
+        try:
+            with self._index():
+                for reservation in credit.files:
+                    reservation.unlink(missing_ok=True)
+                bound = self._usage_bound()
+                if bound is not None:
+                    self._set_usage_bound(max(0, bound - credit.room))
+        finally:
+            self._keys.unlock(credit.fd, credit.key)
+            credit.fd = None
+            credit.files = []
+            credit.room = 0
 
     def _reserve(self, size: int) -> bool:
         """Room for ``size`` more bytes, counted into the usage bound (index lock held)."""
@@ -258,58 +402,75 @@ class Cache:
 
     def _try_remove(self, key: str, entry_too: bool = True) -> bool:
         """Remove a key's files if nobody holds its lock; never waits."""
-        lock = self._locks / f"{key}.lock"
-        fd = self._lock(lock, fcntl.LOCK_EX, None, wait=False)
+        fd = self._keys.try_lock(key, True)
         if fd is None:
             return False
         try:
             for temp in self._tmp.glob(f"{key}.*"):
                 temp.unlink(missing_ok=True)
-            entry = self._entries / key
             if entry_too:
-                entry.unlink(missing_ok=True)
-            if not entry.exists():
-                lock.unlink(missing_ok=True)  # waiters notice the new inode and retry
+                _unlink(os.path.join(self._entries, key))
         finally:
-            _unlock(fd)
+            self._keys.unlock(fd, key)
         return True
+
+    # ---- boots -------------------------------------------------------------
+
+    def _check_boot(self) -> None:
+        """Drop everything added without an fsync in an earlier boot (index lock held)."""
+        recorded = _read_text(self.root / "boot")
+        if recorded is None:
+            return
+        if recorded == self._boot:
+            self._boot_recorded = True
+            return
+        # the machine restarted since entries were added unsynced: any of them may be
+        # partial on disk (no process of this boot holds one yet; the locks keep any
+        # that does, should the boot id have been unreadable then)
+        for item in self._scan(self._entries):
+            self._try_remove(item.name)
+        for item in self._scan(self._tmp):
+            self._try_remove(item.name.partition(".")[0], entry_too=False)
+        _fsync_dir(self._entries)
+        (self.root / "usage").unlink(missing_ok=True)
+        (self.root / "boot").unlink(missing_ok=True)
+        _fsync_dir(self.root)
+
+    def _record_boot(self) -> None:
+        """Record this boot in ROOT/boot, durably, before the first unsynced entry."""
+        if self._boot_recorded:
+            return
+        assert self._boot is not None
+        with self._index():
+            marker = self.root / "boot"
+            if _read_text(marker) != self._boot:
+                temp = self.root / f"boot.{uuid.uuid4().hex}"
+                with open(temp, "w", encoding="ascii") as f:
+                    f.write(self._boot)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temp, marker)
+                _fsync_dir(self.root)
+            self._boot_recorded = True
 
     # ---- locks and helpers -------------------------------------------------
 
-    def _lock(self, path: Path, mode: int, cancel: threading.Event | None, *,
-              wait: bool = True) -> int | None:
-        """flock ``path``; poll so that a cancel or the wait bound can interrupt."""
+    def _lock(self, key: str, exclusive: bool, cancel: threading.Event | None,
+              path: str) -> int:
+        """Lock ``key``; poll so that a cancel or the wait bound can interrupt."""
         deadline = time.monotonic() + self.wait_seconds
         delay = 0.005
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                while True:
-                    try:
-                        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if not wait:
-                            os.close(fd)
-                            return None
-                    if cancel is not None and cancel.is_set():
-                        raise CancelledError("cancelled while waiting for a cached input")
-                    if time.monotonic() > deadline:
-                        raise CacheError(f"waited {self.wait_seconds:.0f} s for {path} (another "
-                                         "slot's download of the same input); retry the task")
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.25)
-                held = os.fstat(fd)
-                try:
-                    now = os.stat(path)
-                except FileNotFoundError:
-                    now = None
-            except BaseException:
-                os.close(fd)
-                raise
-            if now is not None and (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+            fd = self._keys.try_lock(key, exclusive)
+            if fd is not None:
                 return fd
-            os.close(fd)  # the lock file was removed while we waited: lock the new one
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("cancelled while waiting for a cached input")
+            if time.monotonic() > deadline:
+                raise CacheError(f"waited {self.wait_seconds:.0f} s for {path} (another "
+                                 "slot's download of the same input); retry the task")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
     @contextmanager
     def _index(self) -> Iterator[None]:
@@ -321,7 +482,7 @@ class Cache:
             os.close(fd)
 
     @staticmethod
-    def _key(fs: FileSystem, path: str, info: dict[str, Any]) -> str | None:
+    def _key(fs: FileSystem, path: str, info: Mapping[str, Any]) -> str | None:
         version = {k: str(info[k]) for k in _VERSION_FIELDS if info.get(k) not in (None, "")}
         if not version:
             return None  # no way to tell a changed file: do not cache it
@@ -347,13 +508,127 @@ class Cache:
                 self.hits += 1
 
 
-def _complete(entry: Path, size: int) -> bool:
+class _Credit:
+    """The room this process's batches reserved and have not used yet."""
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+        self.batches = 0  # running
+        self.left = 0  # bytes the running batches may still download
+        self.room = 0  # reserved and not yet drawn
+        self.key = ""
+        self.fd: int | None = None  # the lock on ``key``, which keeps ``files`` from the sweep
+        self.files: list[Path] = []
+
+
+class _KeyLocks:
+    """Shared and exclusive locks on keys: Linux open-file-description locks on one
+    byte each of one file. Each holder takes its own open file description from a
+    pool, so that holders in one process exclude each other as processes do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self._free: list[int] = []
+        self._mutex = threading.Lock()
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        weakref.finalize(self, _close_all, self._free)
+
+    def try_lock(self, key: str, exclusive: bool) -> int | None:
+        """The descriptor holding ``key``'s lock, or None if a conflicting one is held."""
+        with self._mutex:
+            fd = self._free.pop() if self._free else None
+        if fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
+                        _flock(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, key))
+        except OSError as exc:
+            self._release(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        except BaseException:
+            self._release(fd)
+            raise
+        return fd
+
+    def unlock(self, fd: int, key: str) -> None:
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, key))
+        except OSError:
+            os.close(fd)  # closing the last descriptor of a description drops its locks
+            return
+        self._release(fd)
+
+    def _release(self, fd: int) -> None:
+        with self._mutex:
+            self._free.append(fd)
+
+
+def _flock(kind: int, key: str) -> bytes:
+    offset = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
+    return _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
+
+
+def _copy_range(src: int, out: int, size: int) -> int:
+    """Copy ``size`` bytes in the kernel (copy_file_range), else through a buffer."""
+    done = 0
     try:
-        return entry.stat().st_size == size
+        while done < size:
+            n = os.copy_file_range(src, out, size - done)
+            if n == 0:
+                return done
+            done += n
+        return done
+    except OSError as exc:
+        if done or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                     errno.EOPNOTSUPP):
+            raise
+    while done < size:  # an old kernel, or filesystems it cannot copy between
+        chunk = os.read(src, min(size - done, 1 << 20))
+        if not chunk:
+            break
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view):]
+        done += len(chunk)
+    return done
+
+
+def _boot_id() -> str | None:
+    value = _read_text(Path(BOOT_ID))
+    return value or None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _size_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
     except FileNotFoundError:
-        return False
+        return None
 
 
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases its flock
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

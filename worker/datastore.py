@@ -30,7 +30,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +54,8 @@ from worker.sftp_batch import Login, SftpPool, temp_beside, usable
 FileSystem = Any  # fsspec.AbstractFileSystem; fsspec ships no type hints
 Fetch = Callable[[FileSystem, str, Path], int]
 """Copy one remote file to a local path and return its size (``get_file`` or a cache)."""
+Batch = Callable[[int], AbstractContextManager[object]]
+"""Wraps the fetches of one directory, given its listed bytes (a cache's ``batch``)."""
 
 BIG_FILE = 16 << 20  # bytes: from here one more SSH login costs less than paramiko's pace
 BULK_FILES = 32  # files of a directory from which several sftp connections pay off
@@ -334,14 +336,17 @@ def stat(fs: FileSystem, path: str) -> Mapping[str, Any]:
     return result
 
 
-def get_file(fs: FileSystem, rpath: str, lpath: Path) -> int:
+def get_file(fs: FileSystem, rpath: str, lpath: Path, *, in_place: bool = False) -> int:
     """Download one file (no cache); returns its size.
 
     On SFTP the file lands under a temporary name and is renamed into place,
     so ``lpath`` never holds part of it; OpenSSH's sftp carries it when it is
-    big or part of a directory copy (see the module's docstring).
+    big or part of a directory copy (see the module's docstring). With
+    ``in_place`` it is written at ``lpath`` directly: for a caller whose
+    ``lpath`` is itself a temporary name (the cache), one rename less per file.
     """
-    lpath.parent.mkdir(parents=True, exist_ok=True)
+    if not in_place:
+        lpath.parent.mkdir(parents=True, exist_ok=True)
     with translated(f"download of {rpath}"):
         info = stat(fs, rpath)
         check_file(info, rpath)
@@ -350,15 +355,16 @@ def get_file(fs: FileSystem, rpath: str, lpath: Path) -> int:
             path = fs._strip_protocol(rpath)
             pool = sftp_pool(fs)
             bulk = _listing(fs) is not None or info["size"] >= BIG_FILE
-            if pool is None or not bulk or not pool.download(path, lpath):
+            if pool is None or not bulk or not pool.download(path, lpath, in_place=in_place):
                 with _paramiko_turn(fs):
-                    _sftp_get(ftp, path, lpath, info["size"])
+                    _sftp_get(ftp, path, lpath, info["size"], in_place)
         else:
             fs.get_file(rpath, str(lpath))
     return lpath.stat().st_size
 
 
-def _sftp_get(ftp: paramiko.SFTPClient, rpath: str, lpath: Path, size: int) -> None:
+def _sftp_get(ftp: paramiko.SFTPClient, rpath: str, lpath: Path, size: int,
+              in_place: bool = False) -> None:
     """Download ``size`` bytes of an SFTP file in three round trips: open, reads, close.
 
     fsspec's get_file costs seven per file (stat for isdir, stat again in
@@ -367,7 +373,7 @@ def _sftp_get(ftp: paramiko.SFTPClient, rpath: str, lpath: Path, size: int) -> N
     from the caller's stat: a file that grows meanwhile is copied up to that
     size, one that shrinks comes out short (the cache checks the size).
     """
-    temp = temp_beside(lpath)
+    temp = lpath if in_place else temp_beside(lpath)
     try:
         with ftp.open(rpath, "rb") as remote, temp.open("wb") as out:
             if size:
@@ -379,7 +385,8 @@ def _sftp_get(ftp: paramiko.SFTPClient, rpath: str, lpath: Path, size: int) -> N
                     break
                 out.write(chunk)
                 left -= len(chunk)
-        os.replace(temp, lpath)
+        if temp != lpath:
+            os.replace(temp, lpath)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -391,13 +398,14 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 
 
 def copy_in(fs: FileSystem, rpath: str, local: Path, *, fetch: Fetch = get_file,
-            cancel: threading.Event | None = None) -> int:
+            batch: Batch | None = None, cancel: threading.Event | None = None) -> int:
     """Copy a remote file, or a directory (``rpath`` ending in ``/``), to ``local``.
 
     A directory of ``BULK_FILES`` files or more from an SFTP bucket with
     OpenSSH is fetched by as many threads as the bucket has sftp connections;
     ``fetch`` must then be safe to call from several threads (``get_file`` and
-    the cache are).
+    the cache are). A directory's fetches run inside ``batch(listed bytes)``
+    when given (the cache then reserves room for them together).
     """
     if not rpath.endswith("/"):
         return fetch(fs, rpath, local)
@@ -417,15 +425,17 @@ def copy_in(fs: FileSystem, rpath: str, local: Path, *, fetch: Fetch = get_file,
             raise DatastoreError(f"{rpath}: listed object {remote_file!r} does not lie under "
                                  "the directory; rename it in the datastore")
         items.append((str(remote_file), target))
+    listed = sum(int(found[r].get("size") or 0) for r, _ in items)
     pool = sftp_pool(fs)
-    if pool is None or len(items) < BULK_FILES:
-        moved = 0
-        for remote_file, target in items:
-            _check_cancel(cancel)
-            moved += fetch(fs, remote_file, target)
-        return moved
-    with _listed(fs, found):
-        return _fetch_all(fs, items, fetch, pool.size, cancel)
+    with batch(listed) if batch is not None else nullcontext():
+        if pool is None or len(items) < BULK_FILES:
+            moved = 0
+            for remote_file, target in items:
+                _check_cancel(cancel)
+                moved += fetch(fs, remote_file, target)
+            return moved
+        with _listed(fs, found):
+            return _fetch_all(fs, items, fetch, pool.size, cancel)
 
 
 def _fetch_all(fs: FileSystem, items: list[tuple[str, Path]], fetch: Fetch, threads: int,
