@@ -421,7 +421,8 @@ class Boss:
         _CallByCall (to roll back) when the batch must be applied call by call."""
         hot = [(k, call) for k, call in enumerate(batch) if isinstance(call, _HOT)]
         try:
-            answers = self._set_based(conn, [call for _, call in hot], now)
+            with fast.pipelined(conn):
+                answers = self._set_based(conn, [call for _, call in hot], now)
         except set_based.Unsuited as exc:
             raise _CallByCall(str(exc)) from exc
         except DBAPIError as exc:

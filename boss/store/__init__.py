@@ -17,12 +17,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from boss import db
 from boss.errors import DatabaseError, NotInitialised
+from boss.store import fast
 
 
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        if self.dialect == "postgresql":
+            fast.serve_pipelines(engine)
 
     @classmethod
     def open(cls, url: str) -> Store:

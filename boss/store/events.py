@@ -34,8 +34,12 @@ def routing_key(kind: str, task_id: int | None) -> str:
 
 # plain SQL with positional binds (boss.store.fast.run_many): a batch writes a few
 # of these per task
-INSERT = ("INSERT INTO events (ts, kind, task_id, attempt_id, worker_id, data) "
-          "VALUES (?, ?, ?, ?, ?, ?)")
+INSERT = fast.Many(
+    "INSERT INTO events (ts, kind, task_id, attempt_id, worker_id, data) "
+    "VALUES (?, ?, ?, ?, ?, ?)",
+    "INSERT INTO events (ts, kind, task_id, attempt_id, worker_id, data) "
+    "SELECT * FROM unnest(%s::float8[], %s::text[], %s::integer[], %s::integer[], "
+    "%s::integer[], %s::text[])")
 
 
 def record(

@@ -216,8 +216,12 @@ def expire(conn: Connection, now: float, worker_id: int | None = None) -> list[E
 
 _TASK_COUNTS = select(Task.tries, Task.lost, Task.max_tries).where(Task.id == bindparam("p_task"))
 # positional (boss.store.fast.run_many): the group commit runs it once per task ended
-END_TASK = ("UPDATE tasks SET state = ?, tries = ?, lost = ?, updated_at = ?, reason = ? "
-            "WHERE id = ?")
+END_TASK = fast.Many(
+    "UPDATE tasks SET state = ?, tries = ?, lost = ?, updated_at = ?, reason = ? WHERE id = ?",
+    "UPDATE tasks AS t SET state = v.state, tries = v.tries, lost = v.lost, "
+    "updated_at = v.updated_at, reason = v.reason FROM unnest(%s::text[], %s::integer[], "
+    "%s::integer[], %s::float8[], %s::text[], %s::integer[]) "
+    "AS v(state, tries, lost, updated_at, reason, id) WHERE t.id = v.id")
 
 
 def end_task_row(task_id: int, out: Outcome, reason: str | None, now: float

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import event
 
 from boss import calls
@@ -182,3 +183,77 @@ def test_pops_and_completes_of_a_batch_take_a_statement_per_kind_of_row(
                                 **{f"t{i}": "ready" for i in range(32, 40)}}
     finally:
         boss.close()
+
+
+def test_a_batch_of_varied_results_is_written_row_for_row(
+        boss: Boss, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL a batch's attempts, tasks and events are written by one statement
+    each over arrays (boss.store.fast.Many): every column of every row, NULLs too,
+    must land as the call-by-call path writes it."""
+    push(boss, tmp_path, [task("ok"), task("bad", retries=1), task("out"), task("gone"),
+                          task("quiet")])
+    w = worker(boss)
+    got = {a.name: a for a in boss.claim(w, 5)}
+    results = [
+        Result(got["ok"].attempt_id, "succeeded", exit_status=0,
+               metrics={"wall": 0.5, "max_rss_kb": 1024}, stdout_tail="out\n"),
+        Result(got["bad"].attempt_id, "failed", exit_status=3, reason="exit status 3",
+               stderr_tail="boom"),
+        Result(got["out"].attempt_id, "timeout", reason="timed out after 1 s"),
+        Result(got["gone"].attempt_id, "cancelled", reason="cancelled by the worker"),
+        Result(got["quiet"].attempt_id, "succeeded", exit_status=0),
+    ]
+
+    set_based_only(monkeypatch)
+    ends = boss.apply([calls.Complete(w, r) for r in results])
+    assert [e.task_state if e else None for e in ends] == [
+        "succeeded", "ready", "failed", "cancelled", "succeeded"]
+    assert states(boss) == {"ok": "succeeded", "bad": "ready", "out": "failed",
+                            "gone": "cancelled", "quiet": "succeeded"}
+    shown = {n: boss.show(n) for n in got}
+    assert shown["bad"]["tries"] == 1 and shown["bad"]["reason"] == "exit status 3"
+    assert shown["quiet"]["reason"] is None
+    rows = {n: (a["state"], a["exit_status"], a["reason"], a["metrics"], a["stdout_tail"],
+                a["stderr_tail"], a["finished_at"] is not None)
+            for n, s in shown.items() for a in s["attempts"]}
+    assert rows == {
+        "ok": ("succeeded", 0, None, {"wall": 0.5, "max_rss_kb": 1024}, "out\n", None, True),
+        "bad": ("failed", 3, "exit status 3", {}, None, "boom", True),
+        "out": ("timeout", None, "timed out after 1 s", {}, None, None, True),
+        "gone": ("cancelled", None, "cancelled by the worker", {}, None, None, True),
+        "quiet": ("succeeded", 0, None, {}, None, None, True),
+    }
+    finished = {e["task"]: e for e in boss.events(kinds=["job.finished"])}
+    assert [finished[n]["attempt_id"] for n in got] == [r.attempt_id for r in results]
+    assert all(e["worker_id"] == w for e in finished.values())
+    assert finished["ok"]["data"] == {"outcome": "succeeded", "exit_status": 0,
+                                      "task_state": "succeeded", "reason": "",
+                                      "wall": 0.5, "max_rss_kb": 1024}
+    assert finished["out"]["data"]["exit_status"] is None
+
+
+def test_pops_finding_nothing_are_answered_set_based(
+        boss: Boss, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether anything is left to run is asked inside the batch (on PostgreSQL, in its
+    pipeline, after the claim's writes): "retry" while a task runs, then "drain"."""
+    push(boss, tmp_path, [task("only")])
+    w, idle, other = worker(boss), worker(boss), worker(boss)
+    (only,) = boss.claim(w, 1)
+    set_based_only(monkeypatch)
+    first, second = boss.apply([calls.Pop(idle, 1), calls.Pop(other, 2)])
+    assert isinstance(first, PopAnswer) and isinstance(second, PopAnswer)
+    assert (first.tasks, second.tasks) == ([], [])
+    assert first.retry_after and second.retry_after and not first.drain
+    done, last = boss.apply([calls.Complete(w, ok(only.attempt_id)), calls.Pop(idle, 1)])
+    assert done is not None and done.task_state == "succeeded"
+    assert isinstance(last, PopAnswer) and last.drain
+
+
+def set_based_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test when a batch falls back to call by call (which would hide a broken
+    set-based statement behind the same answers)."""
+
+    def not_alone(*_: Any) -> None:
+        raise AssertionError("the batch fell back to call by call")
+
+    monkeypatch.setattr(Boss, "_apply_alone", not_alone)
