@@ -24,7 +24,16 @@ def test_stopping_the_server_closes_open_connections(tmp_path: Path) -> None:
         with idle, partial:
             # the server's end is closed at once, not when the garbage collector finds
             # it (which pytest reports as a ResourceWarning in whatever test runs then)
-            assert idle.recv(1) == b""
-            assert partial.recv(1) == b""
+            assert closed_by_peer(idle)
+            assert closed_by_peer(partial)
     finally:
         boss.close()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """The other end closed: an orderly end of stream, or a reset (Linux resets a
+    connection closed with bytes still unread in it, as the half-sent line is)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
