@@ -175,9 +175,7 @@ class BossServe:
 
     def cpu_seconds(self) -> float:
         """user + system CPU of the boss so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_of(self.pid)
 
     def status(self) -> dict[str, int]:
         """VmRSS and VmHWM (kB), Threads; and the open fds."""
@@ -363,6 +361,7 @@ class Stats:
     per_task_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     end: float = 0.0
+    cpu: float = 0.0  # the process's own CPU seconds from "go" to the last worker out
 
 
 async def drain(rpc: Rpc, mode: str, batch: int, st: Stats) -> None:
@@ -421,9 +420,11 @@ async def _generate(port: int, tokens: list[str], mode: str, batch: int, go: MpE
         await rpc.hello(token)
     ready.put("ready")
     await asyncio.get_running_loop().run_in_executor(None, go.wait, 120)
+    cpu0 = time.process_time()
     results = await asyncio.gather(*(drain(rpc, mode, batch, st) for rpc in conns),
                                    return_exceptions=True)
     st.end = time.monotonic()
+    st.cpu = time.process_time() - cpu0
     st.errors += [str(r) for r in results if isinstance(r, BaseException)]
     for rpc in conns:
         await rpc.close()
@@ -439,6 +440,39 @@ def _generator(port: int, tokens: list[str], mode: str, batch: int, go: MpEvent,
         out.put(Stats(errors=[f"generator: {type(exc).__name__}: {exc}"]))
 
 
+def cpu_of(pid: int) -> float:
+    """user + system CPU seconds of a process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_processes(server: Any) -> list[int]:
+    """The PostgreSQL server's processes: its postmaster and every child (the boss's
+    backends among them, which live as long as the boss's connections)."""
+    if server is None:
+        return []
+    postmaster = int((server.datadir / "postmaster.pid").read_text().split()[0])
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == postmaster:
+            children.append(int(stat.parent.name))
+    return [postmaster, *children]
+
+
+def server_cpu(server: Any, since: dict[int, float]) -> float:
+    """CPU seconds the server's processes spent since ``since`` (pid -> CPU then; a
+    process started after counts from zero; one that ended meanwhile is missed)."""
+    return sum(cpu_of(pid) - since.get(pid, 0.0) for pid in server_processes(server))
+
+
 def split(items: list[T], parts: int) -> list[list[T]]:
     return [items[i::parts] for i in range(parts) if items[i::parts]]
 
@@ -450,10 +484,12 @@ class RunResult:
     stats: Stats
     boss_cpu: float
     boss_hwm_kb: int
+    server_cpu: float = 0.0  # the PostgreSQL server's, from "go" to the last worker out
 
 
 def one_run(root: Path, db_url: str, tasks: int, workers: int, mode: str, batch: int,
-            procs: int, bound: float, profile: Path | None = None) -> RunResult:
+            procs: int, bound: float, profile: Path | None = None,
+            server: Any = None) -> RunResult:
     boss = BossServe(root, db_url)
     tokens = boss.prepare(tasks, workers)
     ctx = multiprocessing.get_context("fork")
@@ -471,10 +507,12 @@ def one_run(root: Path, db_url: str, tasks: int, workers: int, mode: str, batch:
                 raise BenchError(f"a generator {said}")
         spy = boss.profile(profile, bound) if profile is not None else None
         cpu0 = boss.cpu_seconds()
+        server0 = {pid: cpu_of(pid) for pid in server_processes(server)}
         start = time.monotonic()
         go.set()
         stats = [out.get(timeout=bound) for _ in children]
         cpu = boss.cpu_seconds() - cpu0
+        db_cpu = server_cpu(server, server0)
         hwm = boss.status()["VmHWM"]
         if spy is not None and profile is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
@@ -501,13 +539,14 @@ def one_run(root: Path, db_url: str, tasks: int, workers: int, mode: str, batch:
         total.complete_ms += s.complete_ms
         total.per_task_ms += s.per_task_ms
         total.errors += s.errors
+        total.cpu += s.cpu
     if total.errors:
         raise BenchError(f"{mode}: {len(total.errors)} call(s) failed, first: "
                          f"{total.errors[0]}\n{tail(boss.log)}")
     if total.tasks != tasks:
         raise BenchError(f"{mode}: the workers completed {total.tasks} tasks of {tasks}")
     check_done_once(db_url, tasks)
-    return RunResult(tasks, total.end - start, total, cpu, hwm)
+    return RunResult(tasks, total.end - start, total, cpu, hwm, db_cpu)
 
 
 # --- figures --------------------------------------------------------------------------------
@@ -560,7 +599,8 @@ def measure(args: argparse.Namespace) -> Report:
                         spy = (args.py_spy / f"{engine}-{mode}-W{workers}-{k}.txt"
                                if args.py_spy else None)
                         runs.append(one_run(root, url, args.tasks, workers, mode, args.batch,
-                                            min(args.procs, workers), args.bound, spy))
+                                            min(args.procs, workers), args.bound, spy,
+                                            server))
                     shutil.rmtree(root, ignore_errors=True)
                 rates = [r.tasks / r.seconds for r in runs]
                 pops = [x for r in runs for x in r.stats.pop_ms]
@@ -570,6 +610,9 @@ def measure(args: argparse.Namespace) -> Report:
                 goal = batch_goal if mode in BATCHED else one_goal
                 p50, p99 = pct(per_task, 0.5), pct(per_task, 0.99)
                 cpu_ms = statistics.median(1000 * r.boss_cpu / r.tasks for r in runs)
+                db_ms = statistics.median(1000 * r.server_cpu / r.tasks for r in runs)
+                gen_ms = statistics.median(1000 * r.stats.cpu / r.tasks for r in runs)
+                all_ms = cpu_ms + db_ms + gen_ms
                 rows.append({
                     "engine": engine,
                     "mode": f"{mode} {args.batch}" if mode in BATCHED else mode,
@@ -583,6 +626,10 @@ def measure(args: argparse.Namespace) -> Report:
                     "per task p50 ms": p50, "per task p99 ms": p99,
                     "boss CPU ms/task": cpu_ms,
                     "CPU-bound ceiling tasks/s": round(1000 / cpu_ms) if cpu_ms else None,
+                    "server CPU ms/task": db_ms if server is not None else None,
+                    "generator CPU ms/task": gen_ms,
+                    "machine ceiling tasks/s": (round(1000 * (os.cpu_count() or 1) / all_ms)
+                                                if all_ms else None),
                     "boss peak RSS MB": max(r.boss_hwm_kb for r in runs) / 1024,
                     "load 1m": f"{min(loads):.2f}-{max(loads):.2f}",
                 })
@@ -601,13 +648,17 @@ def measure(args: argparse.Namespace) -> Report:
                     f"{min(args.procs, max(args.workers))} generator process(es). The "
                     "CPU-bound ceiling is 1,000 / the boss's CPU ms per task: the rate if "
                     "the boss had one core to itself (its threads share one GIL) and never "
-                    "waited; on a busy machine it is the figure to compare with the goal.")
+                    "waited; on a busy machine it is the figure to compare with the goal. "
+                    "The machine ceiling is the rate at which the boss, the database "
+                    "server and the load generator together would use every core, all "
+                    "three sharing this machine's (never reached: they wait on each other).")
     return {"title": f"Boss RPC capacity ({engine}, `boss serve` subprocess, simulated "
                      "workers on 127.0.0.1)",
             "columns": ["engine", "mode", "W", "tasks", "runs", "tasks/s (median)", "min-max",
                         "goal", "pop p50 ms", "pop p99 ms", "complete p50 ms",
                         "complete p99 ms", "per task p50 ms", "per task p99 ms",
-                        "boss CPU ms/task", "CPU-bound ceiling tasks/s", "boss peak RSS MB",
+                        "boss CPU ms/task", "CPU-bound ceiling tasks/s", "server CPU ms/task",
+                        "generator CPU ms/task", "machine ceiling tasks/s", "boss peak RSS MB",
                         "load 1m"],
             "rows": rows, "notes": notes}
 
