@@ -124,7 +124,6 @@ class Cache:
         self._credit = _Credit()
         self._clone = True  # until the filesystem refuses once
         self._boot = _boot_id()
-        self._boot_recorded = False
         try:
             for sub in (self._entries, self._tmp):
                 sub.mkdir(parents=True, exist_ok=True)
@@ -184,7 +183,8 @@ class Cache:
                 self._credit.batches -= 1
                 if self._credit.batches == 0:
                     self._credit.left = 0
-                    self._give_back()
+                    if self._credit.pending == 0:
+                        self._give_back()
 
     def entries(self) -> list[CacheEntry]:
         """The complete entries, least recently used first."""
@@ -255,8 +255,9 @@ class Cache:
     def _download(self, fs: FileSystem, path: str, key: str, size: int) -> bool:
         """Download into the cache (exclusive lock held); False when there is no room."""
         unique = uuid.uuid4().hex
-        if self._draw(size):
-            temp = self._tmp / f"{key}.{unique}.part"  # the batch's reservation counts it
+        drawn = self._draw(size)
+        if drawn:
+            temp = self._tmp / f"{key}.{unique}.part"  # the batch's room file counts it
         else:
             with self._index():
                 if not self._reserve(size):
@@ -271,13 +272,14 @@ class Cache:
             if self._boot is None:
                 with open(temp, "rb") as f:
                     os.fsync(f.fileno())  # a renamed-in entry must be complete after a crash
-            else:
-                self._record_boot()
             os.chmod(temp, 0o444)
             os.rename(temp, os.path.join(self._entries, key))
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+        finally:
+            if drawn:
+                self._settle(size)  # after the rename: counted twice a moment, never missed
         self._count(download=True)
         return True
 
@@ -311,47 +313,60 @@ class Cache:
     # ---- space -------------------------------------------------------------
 
     def _draw(self, size: int) -> bool:
-        """Take ``size`` bytes from a batch's reserved room, reserving a chunk if needed;
+        """Take ``size`` bytes from the batches' reserved room, reserving a chunk if needed;
         False outside a batch or when no chunk fits (the caller reserves alone)."""
         credit = self._credit
         with credit.mutex:
             if credit.batches == 0:
                 return False
             if credit.room < size:
-                chunk = max(size, min(credit.left, self._chunk))
-                if credit.fd is None:
+                chunk = max(size - credit.room, min(credit.left, self._chunk))
+                if credit.lock is None:
                     credit.key = uuid.uuid4().hex  # a fresh key: nobody else locks it
-                    credit.fd = self._keys.try_lock(credit.key, True)
-                    if credit.fd is None:
+                    credit.lock = self._keys.try_lock(credit.key, True)
+                    if credit.lock is None:
                         return False
                 with self._index():
                     if not self._reserve(chunk):
+                        if credit.pending == 0 and credit.room == 0:
+                            self._give_back()
                         return False
-                    reservation = self._tmp / f"{credit.key}.{uuid.uuid4().hex}.{chunk}.part"
-                    reservation.touch()
-                credit.files.append(reservation)
-                credit.room += chunk
+                    if credit.fd is None:
+                        credit.fd = os.open(self._tmp / f"{credit.key}.room",
+                                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    credit.room += chunk
+                    os.ftruncate(credit.fd, credit.room + credit.pending)  # before the count
             credit.room -= size
+            credit.pending += size
             credit.left = max(0, credit.left - size)
             return True
 
-    def _give_back(self) -> None:
-        """Drop the batches' reservations and take their unused room off the bound
-        (credit mutex held, no batch running)."""
+    def _settle(self, size: int) -> None:
+        """A download drawn from the room is over (its entry is counted, or it failed)."""
         credit = self._credit
-        if credit.fd is None:
-            return
+        with credit.mutex:
+            credit.pending -= size
+            if credit.batches == 0 and credit.pending == 0:
+                self._give_back()
+            elif credit.fd is not None:
+                os.ftruncate(credit.fd, credit.room + credit.pending)
+
+    def _give_back(self) -> None:
+        """Drop the room file and take its undrawn room off the bound (credit mutex held,
+        no batch running, no drawn download in progress)."""
+        credit = self._credit
         try:
-            with self._index():
-                for reservation in credit.files:
-                    reservation.unlink(missing_ok=True)
-                bound = self._usage_bound()
-                if bound is not None:
-                    self._set_usage_bound(max(0, bound - credit.room))
+            if credit.fd is not None:
+                with self._index():
+                    (self._tmp / f"{credit.key}.room").unlink(missing_ok=True)
+                    bound = self._usage_bound()
+                    if bound is not None:
+                        self._set_usage_bound(max(0, bound - credit.room))
+                os.close(credit.fd)
         finally:
-            self._keys.unlock(credit.fd, credit.key)
-            credit.fd = None
-            credit.files = []
+            if credit.lock is not None:
+                self._keys.unlock(credit.lock, credit.key)
+            credit.fd = credit.lock = None
             credit.room = 0
 
     def _reserve(self, size: int) -> bool:
@@ -397,7 +412,13 @@ class Cache:
             size = rest.split(".")[-2] if rest.count(".") >= 2 else "0"
             if self._try_remove(key, entry_too=False):
                 continue  # nobody holds the key: a crashed download's leftover
-            reserved += int(size) if size.isdigit() else 0
+            if rest == "room":  # a batch's room: its length is what it still holds
+                try:
+                    reserved += temp.stat().st_size
+                except FileNotFoundError:
+                    pass  # given back meanwhile (its room went off the bound then)
+            else:
+                reserved += int(size) if size.isdigit() else 0
         return reserved
 
     def _try_remove(self, key: str, entry_too: bool = True) -> bool:
@@ -417,13 +438,26 @@ class Cache:
     # ---- boots -------------------------------------------------------------
 
     def _check_boot(self) -> None:
-        """Drop everything added without an fsync in an earlier boot (index lock held)."""
+        """Drop everything added without an fsync in an earlier boot, and record this one
+        (index lock held)."""
         recorded = _read_text(self.root / "boot")
-        if recorded is None:
-            return
         if recorded == self._boot:
-            self._boot_recorded = True
             return
+        if recorded is not None:
+            self._purge()
+        if self._boot is not None:
+            # durably before any entry of this boot: an fsync here, with no download's
+            # data dirty yet, does not wait for one (ext4 commits ordered data first)
+            temp = self.root / f"boot.{uuid.uuid4().hex}"
+            with open(temp, "w", encoding="ascii") as f:
+                f.write(self._boot)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, self.root / "boot")
+            _fsync_dir(self.root)
+
+    def _purge(self) -> None:
+        """Remove every entry and reservation nobody holds (index lock held)."""
         # the machine restarted since entries were added unsynced: any of them may be
         # partial on disk (no process of this boot holds one yet; the locks keep any
         # that does, should the boot id have been unreadable then)
@@ -435,23 +469,6 @@ class Cache:
         (self.root / "usage").unlink(missing_ok=True)
         (self.root / "boot").unlink(missing_ok=True)
         _fsync_dir(self.root)
-
-    def _record_boot(self) -> None:
-        """Record this boot in ROOT/boot, durably, before the first unsynced entry."""
-        if self._boot_recorded:
-            return
-        assert self._boot is not None
-        with self._index():
-            marker = self.root / "boot"
-            if _read_text(marker) != self._boot:
-                temp = self.root / f"boot.{uuid.uuid4().hex}"
-                with open(temp, "w", encoding="ascii") as f:
-                    f.write(self._boot)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temp, marker)
-                _fsync_dir(self.root)
-            self._boot_recorded = True
 
     # ---- locks and helpers -------------------------------------------------
 
@@ -509,16 +526,18 @@ class Cache:
 
 
 class _Credit:
-    """The room this process's batches reserved and have not used yet."""
+    """The room this process's batches reserved: ROOT/tmp/KEY.room, a sparse file whose
+    length is the room not yet filled (undrawn, plus drawn by downloads in progress)."""
 
     def __init__(self) -> None:
         self.mutex = threading.Lock()
         self.batches = 0  # running
         self.left = 0  # bytes the running batches may still download
-        self.room = 0  # reserved and not yet drawn
+        self.room = 0  # reserved and not drawn
+        self.pending = 0  # drawn by downloads in progress
         self.key = ""
-        self.fd: int | None = None  # the lock on ``key``, which keeps ``files`` from the sweep
-        self.files: list[Path] = []
+        self.lock: int | None = None  # on ``key``: keeps the room file from the sweep
+        self.fd: int | None = None  # the room file
 
 
 class _KeyLocks:
