@@ -16,8 +16,9 @@ is listed with ``find`` and copied file by file), close it. Downloads go through
 OpenSSH's ``sftp`` (worker/sftp_batch.py: a file of 16 MiB or more, and a
 directory of 32 files or more over 4 connections) unless ``--openssh no``.
 "ecloud+cache" is the same through a fresh (cold) input cache, which is what
-an attempt in ``cloud`` storage mode does. The contenders use the same key and
-sshd, the login included:
+an attempt in ``cloud`` storage mode does (``Cache.fetch`` per file, a
+directory inside ``Cache.batch``); its ratio is held to the same goals. The
+contenders use the same key and sshd, the login included:
 
 - big: one file of ``--big-mib`` MiB (random bytes) vs ``scp`` of it (OpenSSH
   9's scp speaks SFTP to internal-sftp too). Ratio: scp's seconds / ecloud's
@@ -243,12 +244,11 @@ def big_part(sshd: Sshd, url: str, src: Path, dst: Path, mib: int, repeat: int
                      "runs": len(xs), "median s": med, "min s": min(xs), "max s": max(xs),
                      "MB/s": round(size / med / 1e6), "ratio": r})
     assert ratio is not None and cached is not None
-    verdict = ("met" if ratio >= BIG_GOAL else f"NOT met (short by {BIG_GOAL - ratio:.2f})") + (
-        "; stretch met" if ratio >= BIG_STRETCH else "")
     notes = [f"big: ecloud's throughput is {ratio:.2f}x scp's (scp s / ecloud s per run, "
              f"median of {len(ratios)}: {', '.join(f'{r:.2f}' for r in ratios)}); goal >= "
-             f"{BIG_GOAL}x: {verdict} (stretch {BIG_STRETCH}x); through a cold cache "
-             f"(an attempt in cloud mode) {cached:.2f}x"]
+             f"{BIG_GOAL}x: {big_verdict(ratio)} (stretch {BIG_STRETCH}x); through a cold "
+             f"input cache (what an attempt in cloud mode does) {cached:.2f}x: "
+             f"{big_verdict(cached)}"]
     return rows, notes
 
 
@@ -282,12 +282,20 @@ def small_part(sshd: Sshd, url: str, src: Path, dst: Path, files: int, file_byte
                      "how": how, "runs": len(xs), "median s": med, "min s": min(xs),
                      "max s": max(xs), "files/s": round(files / med), "ratio": r})
     assert ratio is not None and cached is not None
-    verdict = "met" if ratio <= SMALL_GOAL else f"NOT met ({ratio / SMALL_GOAL:.1f}x over it)"
     notes = [f"small: ecloud takes {ratio:.2f}x tar's time (ecloud s / tar s per run, median "
              f"of {len(ratios)}: {', '.join(f'{r:.2f}' for r in ratios)}); goal <= "
-             f"{SMALL_GOAL:.0f}x: {verdict}; through a cold cache (an attempt in cloud mode) "
-             f"{cached:.2f}x"]
+             f"{SMALL_GOAL:.0f}x: {small_verdict(ratio)}; through a cold input cache (what an "
+             f"attempt in cloud mode does) {cached:.2f}x: {small_verdict(cached)}"]
     return rows, notes
+
+
+def big_verdict(ratio: float) -> str:
+    return ("met" if ratio >= BIG_GOAL else f"NOT met (short by {BIG_GOAL - ratio:.2f})") + (
+        "; stretch met" if ratio >= BIG_STRETCH else "")
+
+
+def small_verdict(ratio: float) -> str:
+    return "met" if ratio <= SMALL_GOAL else f"NOT met ({ratio / SMALL_GOAL:.2f}x over it)"
 
 
 def load() -> str:
