@@ -53,16 +53,14 @@ if str(ROOT) not in sys.path:
 from benchmarks.rpc_capacity import (  # noqa: E402
     BenchError,
     BossServe,
-    CallFailed,
-    Rpc,
     database,
     pct,
     raise_nofile,
     split,
-    succeeded,
 )
 from benchmarks.run import Cell, Report, print_report  # noqa: E402
 from benchmarks.shell_tasks import tail  # noqa: E402
+from benchmarks.sim_rpc import CallFailed, Rpc, succeeded  # noqa: E402
 
 NAME = "many_workers"
 TINY_ARGS = ["--workers", "50", "--seconds", "3"]
