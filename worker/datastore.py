@@ -49,7 +49,7 @@ from worker.errors import (
     RemoteNotFoundError,
     WorkerError,
 )
-from worker.sftp_batch import Login, SftpPool, temp_beside, usable
+from worker.sftp_batch import STREAM_FILE_MAX, Login, SftpPool, temp_beside, usable
 
 FileSystem = Any  # fsspec.AbstractFileSystem; fsspec ships no type hints
 Fetch = Callable[[FileSystem, str, Path], int]
@@ -60,6 +60,7 @@ Batch = Callable[[int], AbstractContextManager[object]]
 BIG_FILE = 16 << 20  # bytes: from here one more SSH login costs less than paramiko's pace
 BULK_FILES = 32  # files of a directory from which several sftp connections pay off
 SFTP_CONNECTIONS = 4  # per bucket and attempt; the URL's connections=N overrides it
+STREAM_THREADS = 16  # a directory's small files in flight at once over the SFTP stream
 _POOL = "_ecloud_sftp_pool"  # the attribute of an SFTP filesystem holding its SftpPool
 
 
@@ -354,10 +355,16 @@ def get_file(fs: FileSystem, rpath: str, lpath: Path, *, in_place: bool = False)
         if isinstance(ftp, paramiko.SFTPClient) and isinstance(info.get("size"), int):
             path = fs._strip_protocol(rpath)
             pool = sftp_pool(fs)
-            bulk = _listing(fs) is not None or info["size"] >= BIG_FILE
-            if pool is None or not bulk or not pool.download(path, lpath, in_place=in_place):
+            size = info["size"]
+            listed = _listing(fs) is not None
+            done = False
+            if pool is not None and (listed or size >= BIG_FILE):
+                if listed and size < STREAM_FILE_MAX:  # a directory's small file
+                    done = pool.stream_download(path, lpath, size, in_place=in_place)
+                done = done or pool.download(path, lpath, in_place=in_place)
+            if not done:
                 with _paramiko_turn(fs):
-                    _sftp_get(ftp, path, lpath, info["size"], in_place)
+                    _sftp_get(ftp, path, lpath, size, in_place)
         else:
             fs.get_file(rpath, str(lpath))
     return lpath.stat().st_size
@@ -435,7 +442,7 @@ def copy_in(fs: FileSystem, rpath: str, local: Path, *, fetch: Fetch = get_file,
                 moved += fetch(fs, remote_file, target)
             return moved
         with _listed(fs, found):
-            return _fetch_all(fs, items, fetch, pool.size, cancel)
+            return _fetch_all(fs, items, fetch, STREAM_THREADS, cancel)
 
 
 def _fetch_all(fs: FileSystem, items: list[tuple[str, Path]], fetch: Fetch, threads: int,

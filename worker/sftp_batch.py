@@ -36,11 +36,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 import subprocess
 import tempfile
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -102,6 +103,11 @@ class Login:
     def sftp_argv(self, program: str = "sftp") -> list[str]:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return [program, "-b", "-", *self.ssh_options(), "-P", str(self.port), "--", host]
+
+    def subsystem_argv(self, program: str = "ssh") -> list[str]:
+        """``ssh ... -s HOST sftp``: the server's SFTP subsystem on stdin and stdout."""
+        return [program, *self.ssh_options(), "-p", str(self.port), "-s", "--", self.host,
+                "sftp"]
 
 
 def usable(login: Login) -> bool:
@@ -236,17 +242,276 @@ class SftpProcess:
                 pass
 
 
+_FXP_INIT, _FXP_VERSION, _FXP_OPEN, _FXP_CLOSE, _FXP_READ = 1, 2, 3, 4, 5
+_FXP_STATUS, _FXP_HANDLE, _FXP_DATA = 101, 102, 103
+_FX_EOF, _FX_NO_SUCH_FILE = 1, 2
+READ_BYTES = 32 << 10  # per READ request: what every SFTP server must serve in one reply
+STREAM_FILE_MAX = 1 << 20  # bytes: bigger files go through an sftp process
+
+
+@dataclass
+class _Reply:
+    done: threading.Event = field(default_factory=threading.Event)
+    kind: int = 0
+    body: bytes = b""
+
+
+class SftpStream:
+    """Many small downloads in flight over one ``ssh -s sftp`` connection.
+
+    OpenSSH's ``sftp`` fetches one file at a time (a stat, an open, the reads,
+    a close: about six round trips a file), so a directory of small files is
+    bound by round trips, not bytes. Here the SFTP protocol (version 3: OPEN,
+    READ, CLOSE) is spoken over the subsystem's pipes by any number of threads
+    at once, each waiting only for its own replies (an open, then the reads,
+    the close not awaited), while ssh carries the encryption in C. One reader
+    thread routes the replies by request id. A file's size comes from the
+    caller's listing; a short read asks again for the rest, so a server that
+    serves less than ``READ_BYTES`` a reply is still read whole.
+    """
+
+    def __init__(self, login: Login, program: str = "ssh") -> None:
+        self.login = login
+        self._stderr: IO[bytes] = tempfile.TemporaryFile(prefix="ecloud-ssh-")
+        try:
+            self._proc = subprocess.Popen(
+                login.subsystem_argv(program), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=self._stderr, cwd="/", close_fds=True, bufsize=0)
+        except OSError as exc:
+            self._stderr.close()
+            raise SftpLoginError(f"cannot start OpenSSH ssh for {login.where}: {exc}") from exc
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._waiting: dict[int, _Reply] = {}
+        self._next = 0
+        self._broken = ""
+        self._version = _Reply()
+        self._reader = threading.Thread(target=self._read_loop, name="ecloud-sftp-stream",
+                                        daemon=True)
+        self._reader.start()
+        self._send([_packet(_FXP_INIT, struct.pack(">I", 3))])
+        if not self._version.done.wait(max(1.0, 4 * login.timeout)) or self._version.kind != \
+                _FXP_VERSION:
+            self.close()
+            raise SftpLoginError(f"SFTP over ssh to {login.where} did not start: "
+                                 f"{self._broken or 'no answer'}")
+
+    def download(self, remote: str, local: Path, size: int) -> None:
+        """Write ``size`` bytes of ``remote`` to ``local`` (created or truncated)."""
+        path = remote.encode("utf-8", "surrogateescape")
+        kind, body = self._call(_FXP_OPEN, _string(path) + struct.pack(">II", 1, 0))
+        if kind != _FXP_HANDLE:
+            raise self._status_error(remote, kind, body)
+        handle = _field(body, 4)
+        try:
+            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                self._read_into(remote, handle, fd, size)
+            finally:
+                os.close(fd)
+        finally:
+            self._post(_FXP_CLOSE, _string(handle))  # its reply is not awaited
+
+    def _read_into(self, remote: str, handle: bytes, fd: int, size: int) -> None:
+        todo = [(offset, min(READ_BYTES, size - offset)) for offset in range(0, size, READ_BYTES)]
+        while todo:
+            asked = [(offset, length, self._post(_FXP_READ, _string(handle)
+                                                 + struct.pack(">QI", offset, length)))
+                     for offset, length in todo]
+            todo = []
+            for offset, length, reply in asked:
+                kind, body = self._wait(reply)
+                if kind == _FXP_DATA:
+                    data = _field(body, 4)
+                    os.pwrite(fd, data, offset)
+                    if 0 < len(data) < length:  # a server that serves less: ask for the rest
+                        todo.append((offset + len(data), length - len(data)))
+                elif kind == _FXP_STATUS and struct.unpack_from(">I", body, 4)[0] == _FX_EOF:
+                    continue  # shrank since the listing: the caller checks the size
+                else:
+                    raise self._status_error(remote, kind, body)
+
+    # ---- requests and replies ----------------------------------------------
+
+    def _call(self, kind: int, payload: bytes) -> tuple[int, bytes]:
+        return self._wait(self._post(kind, payload))
+
+    def _post(self, kind: int, payload: bytes) -> _Reply:
+        reply = _Reply()
+        with self._lock:
+            if self._broken:
+                raise SftpError(f"SFTP over ssh to {self.login.where}: {self._broken}")
+            self._next = (self._next + 1) & 0xFFFFFFFF
+            rid = self._next
+            self._waiting[rid] = reply
+        self._send([_packet(kind, struct.pack(">I", rid) + payload)])
+        return reply
+
+    def _wait(self, reply: _Reply) -> tuple[int, bytes]:
+        reply.done.wait()
+        if reply.kind == 0:
+            raise SftpError(f"SFTP over ssh to {self.login.where}: {self._broken}")
+        return reply.kind, reply.body
+
+    def _send(self, packets: list[bytes]) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        try:
+            with self._send_lock:
+                stdin.write(b"".join(packets))
+        except (OSError, ValueError):
+            self._fail(self._reason("the connection is gone"))
+
+    def _read_loop(self) -> None:
+        stdout = self._proc.stdout
+        assert stdout is not None
+        buf = bytearray()
+        try:
+            while True:
+                chunk = stdout.read(1 << 18)
+                if not chunk:
+                    break
+                buf += chunk
+                start = 0
+                while len(buf) - start >= 5:
+                    length = struct.unpack_from(">I", buf, start)[0]
+                    if len(buf) - start < 4 + length:
+                        break
+                    kind = buf[start + 4]
+                    body = bytes(buf[start + 5:start + 4 + length])
+                    start += 4 + length
+                    self._route(kind, body)
+                del buf[:start]
+        except (OSError, ValueError):
+            pass
+        self._fail(self._reason("ssh ended"))
+
+    def _route(self, kind: int, body: bytes) -> None:
+        if kind == _FXP_VERSION:
+            target: _Reply | None = self._version
+        else:
+            rid = struct.unpack_from(">I", body)[0] if len(body) >= 4 else -1
+            with self._lock:
+                target = self._waiting.pop(rid, None)
+        if target is not None:
+            target.kind, target.body = kind, body
+            target.done.set()
+
+    def _fail(self, reason: str) -> None:
+        with self._lock:
+            if not self._broken:
+                self._broken = reason
+            waiting, self._waiting = self._waiting, {}
+        for reply in [*waiting.values(), self._version]:
+            reply.done.set()  # kind 0: the call raises
+
+    def _reason(self, what: str) -> str:
+        try:
+            size = self._stderr.seek(0, os.SEEK_END)
+            self._stderr.seek(max(0, size - STDERR_TAIL))
+            tail = self._stderr.read().decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            tail = ""
+        lines = [ln for ln in tail.splitlines() if ln.strip()][-3:]
+        return "; ".join(lines) if lines else what
+
+    def _status_error(self, remote: str, kind: int, body: bytes) -> Exception:
+        if kind == _FXP_STATUS and len(body) >= 8:
+            code = struct.unpack_from(">I", body, 4)[0]
+            message = _field(body, 8).decode("utf-8", "replace") if len(body) >= 12 else ""
+            if code == _FX_NO_SUCH_FILE:
+                return FileNotFoundError(f"{remote}: {message or 'no such file'}")
+            return SftpError(f"download of {remote} from {self.login.where}: {message} "
+                             f"(SFTP status {code})")
+        return SftpError(f"download of {remote} from {self.login.where}: unexpected SFTP "
+                         f"reply {kind}")
+
+    def close(self) -> None:
+        """End ssh (EOF on its input, then a kill if it lingers) and fail what still waits."""
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._proc.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(STOP_SECONDS)
+        self._fail("the connection was closed")
+        for stream in (self._proc.stdout, self._stderr):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+
+
+def _packet(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">IB", len(payload) + 1, kind) + payload
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _field(body: bytes, offset: int) -> bytes:
+    """The SFTP string at ``offset`` of a reply's body."""
+    length = struct.unpack_from(">I", body, offset)[0]
+    return body[offset + 4:offset + 4 + length]
+
+
 class SftpPool:
     """Up to ``size`` sftp processes for one bucket, lent to one thread at a time."""
 
-    def __init__(self, login: Login, size: int, program: str = "sftp") -> None:
+    def __init__(self, login: Login, size: int, program: str = "sftp",
+                 ssh_program: str = "ssh") -> None:
         self.login = login
         self.size = size
         self.program = program
+        self.ssh_program = ssh_program
         self._cond = threading.Condition()
         self._idle: list[SftpProcess] = []
         self._count = 0
         self._closed = False
+        self._stream: SftpStream | None = None
+        self._stream_tried = False
+        self._stream_lock = threading.Lock()
+
+    def stream_download(self, remote: str, local: Path, size: int, *,
+                        in_place: bool = False) -> bool:
+        """Download a small file of a directory over the pool's :class:`SftpStream`, through
+        a temporary name unless ``in_place``; False when no stream could be had (the
+        caller then uses an sftp process)."""
+        stream = self._get_stream()
+        if stream is None:
+            return False
+        temp = local if in_place else temp_beside(local)
+        try:
+            stream.download(remote, temp, size)
+            if temp != local:
+                os.replace(temp, local)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return True
+
+    def _get_stream(self) -> SftpStream | None:
+        with self._stream_lock:  # one login for every thread that asks at once
+            if self._stream is None and not self._stream_tried:
+                self._stream_tried = True
+                with self._cond:
+                    if self._closed:
+                        raise SftpError(f"the connections to {self.login.where} were closed")
+                    self._count += 1  # the stream is one of the pool's connections
+                try:
+                    self._stream = SftpStream(self.login, self.ssh_program)
+                except SftpLoginError:
+                    with self._cond:
+                        self._count -= 1
+                        self._cond.notify_all()
+            return self._stream
 
     def download(self, remote: str, local: Path, *, in_place: bool = False) -> bool:
         """Download ``remote`` to ``local`` through a temporary name (straight to ``local``
@@ -318,12 +583,14 @@ class SftpPool:
             raise
 
     def processes(self) -> int:
-        """sftp processes alive now (idle or lent out)."""
+        """OpenSSH processes alive now: sftp processes (idle or lent out) and the stream's
+        ssh."""
         with self._cond:
             return self._count
 
     def close(self) -> None:
-        """End the idle processes; one lent out is ended when it comes back."""
+        """End the idle processes and the stream; a process lent out is ended when it
+        comes back."""
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -331,3 +598,11 @@ class SftpPool:
             self._cond.notify_all()
         for proc in idle:
             proc.close()
+        with self._stream_lock:
+            stream, self._stream = self._stream, None
+            self._stream_tried = True
+        if stream is not None:
+            stream.close()
+            with self._cond:
+                self._count -= 1
+                self._cond.notify_all()
