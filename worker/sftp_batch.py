@@ -256,6 +256,28 @@ class _Reply:
     body: bytes = b""
 
 
+@dataclass
+class _Transfer:
+    """One file being downloaded, driven by the reader thread from reply to reply."""
+
+    remote: str
+    fd: int
+    size: int
+    done: threading.Event = field(default_factory=threading.Event)
+    handle: bytes = b""
+    reads: int = 0  # READ requests not answered yet
+    error: BaseException | None = None
+
+
+@dataclass
+class _Step:
+    """What a request id stands for: a transfer's open, or one of its reads."""
+
+    transfer: _Transfer
+    offset: int = -1  # -1: the open
+    length: int = 0
+
+
 class SftpStream:
     """Many small downloads in flight over one ``ssh -s sftp`` connection.
 
@@ -282,7 +304,7 @@ class SftpStream:
             raise SftpLoginError(f"cannot start OpenSSH ssh for {login.where}: {exc}") from exc
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._waiting: dict[int, _Reply] = {}
+        self._waiting: dict[int, _Step] = {}
         self._next = 0
         self._broken = ""
         self._version = _Reply()
@@ -297,61 +319,82 @@ class SftpStream:
                                  f"{self._broken or 'no answer'}")
 
     def download(self, remote: str, local: Path, size: int) -> None:
-        """Write ``size`` bytes of ``remote`` to ``local`` (created or truncated)."""
-        path = remote.encode("utf-8", "surrogateescape")
-        kind, body = self._call(_FXP_OPEN, _string(path) + struct.pack(">II", 1, 0))
-        if kind != _FXP_HANDLE:
-            raise self._status_error(remote, kind, body)
-        handle = _field(body, 4)
-        try:
-            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                self._read_into(remote, handle, fd, size)
-            finally:
-                os.close(fd)
-        finally:
-            self._post(_FXP_CLOSE, _string(handle))  # its reply is not awaited
+        """Write ``size`` bytes of ``remote`` to ``local`` (created or truncated).
 
-    def _read_into(self, remote: str, handle: bytes, fd: int, size: int) -> None:
-        todo = [(offset, min(READ_BYTES, size - offset)) for offset in range(0, size, READ_BYTES)]
-        while todo:
-            asked = [(offset, length, self._post(_FXP_READ, _string(handle)
-                                                 + struct.pack(">QI", offset, length)))
-                     for offset, length in todo]
-            todo = []
-            for offset, length, reply in asked:
-                kind, body = self._wait(reply)
-                if kind == _FXP_DATA:
-                    data = _field(body, 4)
-                    os.pwrite(fd, data, offset)
-                    if 0 < len(data) < length:  # a server that serves less: ask for the rest
-                        todo.append((offset + len(data), length - len(data)))
-                elif kind == _FXP_STATUS and struct.unpack_from(">I", body, 4)[0] == _FX_EOF:
-                    continue  # shrank since the listing: the caller checks the size
-                else:
-                    raise self._status_error(remote, kind, body)
+        The caller only opens the local file and waits: the reader thread sends
+        the reads when the open is answered, writes the data as it comes and
+        sends the close, so a file costs its caller one wake-up.
+        """
+        path = remote.encode("utf-8", "surrogateescape")
+        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            transfer = _Transfer(remote, fd, size)
+            self._post(_FXP_OPEN, _string(path) + struct.pack(">II", 1, 0), _Step(transfer))
+            transfer.done.wait()
+            if transfer.error is not None:
+                raise transfer.error
+        finally:
+            os.close(fd)
+
+    def _opened(self, transfer: _Transfer, kind: int, body: bytes) -> None:
+        """The reader thread: the open was answered; ask for every chunk at once."""
+        if kind != _FXP_HANDLE:
+            self._finish(transfer, self._status_error(transfer.remote, kind, body))
+            return
+        transfer.handle = _field(body, 4)
+        chunks = [(offset, min(READ_BYTES, transfer.size - offset))
+                  for offset in range(0, transfer.size, READ_BYTES)]
+        if not chunks:
+            self._finish(transfer, None)
+        for offset, length in chunks:
+            self._read(transfer, offset, length)
+
+    def _read(self, transfer: _Transfer, offset: int, length: int) -> None:
+        transfer.reads += 1
+        self._post(_FXP_READ, _string(transfer.handle) + struct.pack(">QI", offset, length),
+                   _Step(transfer, offset, length))
+
+    def _data(self, step: _Step, kind: int, body: bytes) -> None:
+        """The reader thread: a read was answered; write it, ask for a short read's rest."""
+        transfer = step.transfer
+        transfer.reads -= 1
+        if transfer.done.is_set():
+            return  # failed already: the rest of its replies are dropped
+        try:
+            if kind == _FXP_DATA:
+                data = _field(body, 4)
+                os.pwrite(transfer.fd, data, step.offset)
+                if 0 < len(data) < step.length:  # a server that serves less: ask for the rest
+                    self._read(transfer, step.offset + len(data), step.length - len(data))
+            elif not (kind == _FXP_STATUS and struct.unpack_from(">I", body, 4)[0] == _FX_EOF):
+                raise self._status_error(transfer.remote, kind, body)
+            # EOF: the file shrank since the listing; the caller checks the size
+        except Exception as exc:  # OSError writing (a full disk), or the server's error
+            self._finish(transfer, exc)
+            return
+        if transfer.reads == 0:
+            self._finish(transfer, None)
+
+    def _finish(self, transfer: _Transfer, error: BaseException | None) -> None:
+        if transfer.handle:
+            try:
+                self._post(_FXP_CLOSE, _string(transfer.handle), None)  # not awaited
+            except SftpError:
+                pass  # the connection is gone, and the handle with it
+        transfer.error = error
+        transfer.done.set()
 
     # ---- requests and replies ----------------------------------------------
 
-    def _call(self, kind: int, payload: bytes) -> tuple[int, bytes]:
-        return self._wait(self._post(kind, payload))
-
-    def _post(self, kind: int, payload: bytes) -> _Reply:
-        reply = _Reply()
+    def _post(self, kind: int, payload: bytes, step: _Step | None) -> None:
         with self._lock:
             if self._broken:
                 raise SftpError(f"SFTP over ssh to {self.login.where}: {self._broken}")
             self._next = (self._next + 1) & 0xFFFFFFFF
             rid = self._next
-            self._waiting[rid] = reply
+            if step is not None:
+                self._waiting[rid] = step
         self._send([_packet(kind, struct.pack(">I", rid) + payload)])
-        return reply
-
-    def _wait(self, reply: _Reply) -> tuple[int, bytes]:
-        reply.done.wait()
-        if reply.kind == 0:
-            raise SftpError(f"SFTP over ssh to {self.login.where}: {self._broken}")
-        return reply.kind, reply.body
 
     def _send(self, packets: list[bytes]) -> None:
         stdin = self._proc.stdin
@@ -388,22 +431,35 @@ class SftpStream:
 
     def _route(self, kind: int, body: bytes) -> None:
         if kind == _FXP_VERSION:
-            target: _Reply | None = self._version
-        else:
-            rid = struct.unpack_from(">I", body)[0] if len(body) >= 4 else -1
-            with self._lock:
-                target = self._waiting.pop(rid, None)
-        if target is not None:
-            target.kind, target.body = kind, body
-            target.done.set()
+            self._version.kind, self._version.body = kind, body
+            self._version.done.set()
+            return
+        rid = struct.unpack_from(">I", body)[0] if len(body) >= 4 else -1
+        with self._lock:
+            step = self._waiting.pop(rid, None)
+        if step is None:
+            return  # a close's answer
+        try:
+            if step.offset < 0:
+                self._opened(step.transfer, kind, body)
+            else:
+                self._data(step, kind, body)
+        except Exception as exc:  # a request that could not be sent: the connection broke
+            if not step.transfer.done.is_set():
+                step.transfer.error = exc
+                step.transfer.done.set()
 
     def _fail(self, reason: str) -> None:
         with self._lock:
             if not self._broken:
                 self._broken = reason
             waiting, self._waiting = self._waiting, {}
-        for reply in [*waiting.values(), self._version]:
-            reply.done.set()  # kind 0: the call raises
+        error = SftpError(f"SFTP over ssh to {self.login.where}: {self._broken}")
+        for step in waiting.values():
+            if not step.transfer.done.is_set():
+                step.transfer.error = error
+                step.transfer.done.set()
+        self._version.done.set()  # kind 0: the start fails
 
     def _reason(self, what: str) -> str:
         try:
