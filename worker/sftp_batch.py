@@ -331,8 +331,11 @@ class SftpStream:
             transfer = _Transfer(remote, fd, size)
             self._post(_FXP_OPEN, _string(path) + struct.pack(">II", 1, 0), _Step(transfer))
             transfer.done.wait()
-            if transfer.error is not None:
-                raise transfer.error
+            error = transfer.error
+            if isinstance(error, SftpError) and remote not in str(error):
+                raise SftpError(f"download of {remote}: {error}") from error
+            if error is not None:
+                raise error
         finally:
             os.close(fd)
 
