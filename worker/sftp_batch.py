@@ -557,6 +557,9 @@ class SftpPool:
         return True
 
     def _get_stream(self) -> SftpStream | None:
+        stream = self._stream
+        if stream is not None:
+            return stream  # no lock once it is there: every small file asks
         with self._stream_lock:  # one login for every thread that asks at once
             if self._stream is None and not self._stream_tried:
                 self._stream_tried = True
