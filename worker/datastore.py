@@ -49,7 +49,7 @@ from worker.errors import (
     RemoteNotFoundError,
     WorkerError,
 )
-from worker.sftp_batch import STREAM_FILE_MAX, Login, SftpPool, temp_beside, usable
+from worker.sftp_batch import STREAM_FILE_MAX, Login, SftpPool, open_empty, temp_beside, usable
 
 FileSystem = Any  # fsspec.AbstractFileSystem; fsspec ships no type hints
 Fetch = Callable[[FileSystem, str, Path], int]
@@ -382,7 +382,7 @@ def _sftp_get(ftp: paramiko.SFTPClient, rpath: str, lpath: Path, size: int,
     """
     temp = lpath if in_place else temp_beside(lpath)
     try:
-        with ftp.open(rpath, "rb") as remote, temp.open("wb") as out:
+        with ftp.open(rpath, "rb") as remote, os.fdopen(open_empty(temp), "wb") as out:
             if size:
                 remote.prefetch(size)  # every read request sent at once, as getfo does
             left = size

@@ -117,6 +117,19 @@ def usable(login: Login) -> bool:
         c.isspace() for c in (login.user or "") + login.host)
 
 
+def open_empty(path: Path) -> int:
+    """Open ``path`` to write it from scratch; an existing empty file (a reservation) is
+    not truncated, which on ext4 would flush the whole file to disk when it is closed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def temp_beside(path: Path) -> Path:
     """A unique temporary name in ``path``'s directory that starts with its name.
 
@@ -148,11 +161,17 @@ def _quoted(path: str) -> str:
     return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def get_command(remote: str, local: str) -> bytes | None:
-    """The batch lines that download ``remote`` to ``local``, or None if sftp cannot say it."""
+def get_command(remote: str, local: str, *, into_empty: bool = False) -> bytes | None:
+    """The batch lines that download ``remote`` to ``local``, or None if sftp cannot say it.
+
+    ``into_empty``: ``local`` is empty or missing, and is written without being
+    truncated (``reget`` from offset 0): on ext4 a write into a file truncated
+    by its opener is flushed to disk when it is closed (auto_da_alloc), which
+    cost 0.2 to 0.9 s for 512 MiB.
+    """
     if _has_control(remote) or _has_control(local):
         return None
-    line = f"@get {_quoted(remote)} {_quoted(local)}"
+    line = f"@{'reget' if into_empty else 'get'} {_quoted(remote)} {_quoted(local)}"
     data = line.encode("utf-8", "surrogateescape")
     if len(data) > LINE_MAX:
         return None
@@ -326,7 +345,7 @@ class SftpStream:
         sends the close, so a file costs its caller one wake-up.
         """
         path = remote.encode("utf-8", "surrogateescape")
-        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = open_empty(local)
         try:
             transfer = _Transfer(remote, fd, size)
             self._post(_FXP_OPEN, _string(path) + struct.pack(">II", 1, 0), _Step(transfer))
@@ -580,7 +599,7 @@ class SftpPool:
         if ``in_place``: it is a temporary name already); False if sftp cannot name the
         paths (the caller then uses paramiko)."""
         temp = local if in_place else temp_beside(local)
-        command = get_command(remote, str(temp))
+        command = get_command(remote, str(temp), into_empty=in_place)
         if command is None:
             return False
         try:

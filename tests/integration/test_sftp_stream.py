@@ -162,3 +162,27 @@ def test_a_stream_that_cannot_log_in(sshd: Sshd, tmp_path: Path) -> None:
         SftpStream(login)
     assert kh.read_text() == ""
     assert openssh_children() == []
+
+
+def test_a_big_file_through_the_cache_over_sftp(sshd: Sshd, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """sftp writes into the cache's reservation file without truncating it (``reget``
+    from 0): the bytes, the entry and the bound come out exact."""
+    from worker.cache import Cache
+
+    monkeypatch.setattr(datastore, "BIG_FILE", 1 << 20)
+    root = tmp_path / "remote"
+    root.mkdir()
+    data = os.urandom(3 << 20)
+    (root / "big.bin").write_bytes(data)
+    cache = Cache(tmp_path / "cache", 1 << 30)
+    for attempt in (1, 2):
+        with Datastore({}, url_of(sshd, root)) as store:
+            fs, rpath = store.resolve(parse_remote("default:big.bin"))
+            assert copy_in(fs, rpath, tmp_path / f"work{attempt}", fetch=cache.fetch) == len(data)
+        assert (tmp_path / f"work{attempt}").read_bytes() == data
+    assert (cache.downloads, cache.hits) == (1, 1)
+    assert [e.size for e in cache.entries()] == [len(data)]
+    assert cache.usage() == len(data)
+    assert sorted(p.name for p in (cache.root / "tmp").iterdir()) == []
+    assert openssh_children() == []
