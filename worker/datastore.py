@@ -49,7 +49,8 @@ from worker.errors import (
     RemoteNotFoundError,
     WorkerError,
 )
-from worker.sftp_batch import STREAM_FILE_MAX, Login, SftpPool, open_empty, temp_beside, usable
+from worker.sftp_batch import Login, open_empty, temp_beside, usable
+from worker.sftp_pool import STREAM_FILE_MAX, SftpPool
 
 FileSystem = Any  # fsspec.AbstractFileSystem; fsspec ships no type hints
 Fetch = Callable[[FileSystem, str, Path], int]

@@ -1,4 +1,4 @@
-"""A directory's small files over one ``ssh -s sftp`` (worker/sftp_batch.py SftpStream).
+"""A directory's small files over one ``ssh -s sftp`` (worker/sftp_pool.py SftpStream).
 
 Against a real sshd: the bytes of empty, small and multi-read files, files big
 enough for an sftp process beside them, a file missing on the server, the
@@ -18,10 +18,11 @@ import pytest
 from protocol.document import parse_remote
 from tests import sshd as sshd_helper
 from tests.sshd import Sshd, _descendants
-from worker import datastore, sftp_batch
+from worker import datastore
 from worker.datastore import Datastore, copy_in, sftp_pool
 from worker.errors import DatastoreError
-from worker.sftp_batch import Login, SftpError, SftpStream
+from worker.sftp_batch import Login, SftpError
+from worker.sftp_pool import READ_BYTES, SftpStream
 
 sshd = sshd_helper.sshd  # the fixture
 
@@ -60,8 +61,8 @@ def partials(top: Path) -> list[str]:
 def test_sizes_and_a_missing_file(sshd: Sshd, tmp_path: Path) -> None:
     root = tmp_path / "remote"
     root.mkdir()
-    sizes = {"empty": 0, "one": 1, "exact": sftp_batch.READ_BYTES,
-             "several": 3 * sftp_batch.READ_BYTES + 17}
+    sizes = {"empty": 0, "one": 1, "exact": READ_BYTES,
+             "several": 3 * READ_BYTES + 17}
     for name, size in sizes.items():
         (root / name).write_bytes(os.urandom(size))
     stream = SftpStream(login_of(sshd))
