@@ -67,11 +67,9 @@ import fcntl
 import hashlib
 import json
 import os
-import struct
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,6 +78,7 @@ from typing import Any
 
 from worker.datastore import FileSystem, check_file, get_file, stat, translated
 from worker.errors import CacheError, CancelledError, DatastoreError
+from worker.key_locks import KeyLocks
 
 # fields of fs.info() that change when a remote file changes, per backend
 _VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified",
@@ -91,7 +90,6 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _FICLONE = 0x40049409  # linux/fs.h: make the target share the source's blocks
 _NO_CLONE = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS,
              errno.EBADF, errno.EPERM)
-_FLOCK = struct.Struct("@hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ class Cache:
         try:
             for sub in (self._entries, self._tmp):
                 sub.mkdir(parents=True, exist_ok=True)
-            self._keys = _KeyLocks(self.root / "keys.lock")
+            self._keys = KeyLocks(self.root / "keys.lock")
             with self._index():
                 self._check_boot()
         except OSError as exc:
@@ -538,60 +536,6 @@ class _Credit:
         self.key = ""
         self.lock: int | None = None  # on ``key``: keeps the room file from the sweep
         self.fd: int | None = None  # the room file
-
-
-class _KeyLocks:
-    """Shared and exclusive locks on keys: Linux open-file-description locks on one
-    byte each of one file. Each holder takes its own open file description from a
-    pool, so that holders in one process exclude each other as processes do."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self._free: list[int] = []
-        self._mutex = threading.Lock()
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
-        weakref.finalize(self, _close_all, self._free)
-
-    def try_lock(self, key: str, exclusive: bool) -> int | None:
-        """The descriptor holding ``key``'s lock, or None if a conflicting one is held."""
-        with self._mutex:
-            fd = self._free.pop() if self._free else None
-        if fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
-                        _flock(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, key))
-        except OSError as exc:
-            self._release(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return None
-            raise
-        except BaseException:
-            self._release(fd)
-            raise
-        return fd
-
-    def unlock(self, fd: int, key: str) -> None:
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, key))
-        except OSError:
-            os.close(fd)  # closing the last descriptor of a description drops its locks
-            return
-        self._release(fd)
-
-    def _release(self, fd: int) -> None:
-        with self._mutex:
-            self._free.append(fd)
-
-
-def _flock(kind: int, key: str) -> bytes:
-    offset = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
-    return _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
-
-
-def _close_all(fds: list[int]) -> None:
-    while fds:
-        os.close(fds.pop())
 
 
 def _copy_range(src: int, out: int, size: int) -> int:
