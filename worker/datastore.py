@@ -49,7 +49,7 @@ from worker.errors import (
     RemoteNotFoundError,
     WorkerError,
 )
-from worker.sftp_batch import Login, open_empty, temp_beside, usable
+from worker.sftp_batch import Login, landing, open_empty, temp_beside, usable
 from worker.sftp_pool import STREAM_FILE_MAX, SftpPool
 
 FileSystem = Any  # fsspec.AbstractFileSystem; fsspec ships no type hints
@@ -382,22 +382,17 @@ def _sftp_get(ftp: paramiko.SFTPClient, rpath: str, lpath: Path, size: int,
     size, one that shrinks comes out short (the cache checks the size).
     """
     temp = lpath if in_place else temp_beside(lpath)
-    try:
-        with ftp.open(rpath, "rb") as remote, os.fdopen(open_empty(temp), "wb") as out:
-            if size:
-                remote.prefetch(size)  # every read request sent at once, as getfo does
-            left = size
-            while left > 0:
-                chunk = remote.read(min(left, 1 << 20))
-                if not chunk:
-                    break
-                out.write(chunk)
-                left -= len(chunk)
-        if temp != lpath:
-            os.replace(temp, lpath)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with landing(lpath, temp), ftp.open(rpath, "rb") as remote, \
+            os.fdopen(open_empty(temp), "wb") as out:
+        if size:
+            remote.prefetch(size)  # every read request sent at once, as getfo does
+        left = size
+        while left > 0:
+            chunk = remote.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            out.write(chunk)
+            left -= len(chunk)
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:

@@ -37,6 +37,8 @@ import re
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -133,6 +135,48 @@ def temp_beside(path: Path) -> Path:
     temporary directory by the key its names start with.
     """
     return path.with_name(f"{path.name[:128]}.ecloud-part-{uuid.uuid4().hex}")
+
+
+@contextmanager
+def landing(local: Path, temp: Path) -> Iterator[None]:
+    """A download to ``temp`` (``local`` itself for a caller whose ``local`` is a
+    temporary name already): renamed to ``local`` when the block ends, removed when
+    it fails, so ``local`` never holds part of a file."""
+    try:
+        yield
+        if temp != local:
+            os.replace(temp, local)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def end_process(proc: subprocess.Popen[bytes], *, kill: bool = False) -> None:
+    """End ``proc``: EOF on its input (or a kill), then a kill if it lingers."""
+    if proc.poll() is not None:
+        return
+    if kill:
+        proc.kill()
+    else:
+        try:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def close_streams(*streams: IO[bytes] | None) -> None:
+    for stream in streams:
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
 
 
 def _config_path(path: str) -> str:
@@ -235,23 +279,5 @@ class SftpProcess:
 
     def close(self, *, kill: bool = False) -> None:
         """End the process: EOF on its commands, or a kill (a download in progress)."""
-        if self._proc.poll() is None:
-            if kill:
-                self._proc.kill()
-            else:
-                try:
-                    assert self._proc.stdin is not None
-                    self._proc.stdin.close()
-                except OSError:
-                    pass
-            try:
-                self._proc.wait(timeout=STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        for stream in (self._proc.stdin, self._proc.stdout, self._stderr):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
+        end_process(self._proc, kill=kill)
+        close_streams(self._proc.stdin, self._proc.stdout, self._stderr)

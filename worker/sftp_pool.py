@@ -31,7 +31,10 @@ from worker.sftp_batch import (
     SftpError,
     SftpLoginError,
     SftpProcess,
+    close_streams,
+    end_process,
     get_command,
+    landing,
     open_empty,
     temp_beside,
 )
@@ -281,24 +284,10 @@ class SftpStream:
 
     def close(self) -> None:
         """End ssh (EOF on its input, then a kill if it lingers) and fail what still waits."""
-        try:
-            assert self._proc.stdin is not None
-            self._proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self._proc.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        end_process(self._proc)
         self._reader.join(STOP_SECONDS)
         self._fail("the connection was closed")
-        for stream in (self._proc.stdout, self._stderr):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
+        close_streams(self._proc.stdin, self._proc.stdout, self._stderr)
 
 
 def _packet(kind: int, payload: bytes) -> bytes:
@@ -341,13 +330,8 @@ class SftpPool:
         if stream is None:
             return False
         temp = local if in_place else temp_beside(local)
-        try:
+        with landing(local, temp):
             stream.download(remote, temp, size)
-            if temp != local:
-                os.replace(temp, local)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
         return True
 
     def _get_stream(self) -> SftpStream | None:
@@ -377,13 +361,8 @@ class SftpPool:
         command = get_command(remote, str(temp), into_empty=in_place)
         if command is None:
             return False
-        try:
+        with landing(local, temp):
             self._run(remote, command)
-            if temp != local:
-                os.replace(temp, local)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
         return True
 
     def _run(self, remote: str, command: bytes) -> None:

@@ -17,7 +17,8 @@ import pytest
 
 from protocol.document import parse_remote
 from tests import sshd as sshd_helper
-from tests.sshd import Sshd, _descendants
+from tests.integration.test_datastore_openssh import sftp_processes
+from tests.sshd import Sshd
 from worker import datastore
 from worker.datastore import Datastore, copy_in, sftp_pool
 from worker.errors import DatastoreError
@@ -41,17 +42,6 @@ def login_of(server: Sshd) -> Login:
     return Login(host=server.host, port=server.port, user=server.user,
                  key_filename=str(server.client_key_path),
                  known_hosts=str(server.known_hosts_path), timeout=10.0, where="the test sshd")
-
-
-def openssh_children() -> list[int]:
-    found = []
-    for pid in _descendants(os.getpid()):
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() in ("sftp", "ssh"):
-                found.append(pid)
-        except OSError:
-            continue
-    return found
 
 
 def partials(top: Path) -> list[str]:
@@ -82,7 +72,7 @@ def test_sizes_and_a_missing_file(sshd: Sshd, tmp_path: Path) -> None:
         assert (tmp_path / "after").read_bytes() == (root / "one").read_bytes()
     finally:
         stream.close()
-    assert openssh_children() == []
+    assert sftp_processes() == []
 
 
 def test_small_files_by_stream_big_ones_by_sftp(sshd: Sshd, tmp_path: Path,
@@ -104,7 +94,7 @@ def test_small_files_by_stream_big_ones_by_sftp(sshd: Sshd, tmp_path: Path,
     assert {p.relative_to(dest).as_posix(): p.read_bytes()
             for p in dest.rglob("*") if p.is_file()} == files
     assert partials(tmp_path) == []
-    assert openssh_children() == []
+    assert sftp_processes() == []
 
 
 def test_the_server_gone_in_the_middle_of_a_directory(tmp_path: Path) -> None:
@@ -150,7 +140,7 @@ def test_the_server_gone_in_the_middle_of_a_directory(tmp_path: Path) -> None:
     assert str(root) in str(errors[0])  # names the file, and the store
     assert "key_filename" not in str(errors[0])
     assert partials(dest) == []
-    assert openssh_children() == []
+    assert sftp_processes() == []
 
 
 def test_a_stream_that_cannot_log_in(sshd: Sshd, tmp_path: Path) -> None:
@@ -162,7 +152,7 @@ def test_a_stream_that_cannot_log_in(sshd: Sshd, tmp_path: Path) -> None:
     with pytest.raises(SftpError, match="Host key verification failed"):
         SftpStream(login)
     assert kh.read_text() == ""
-    assert openssh_children() == []
+    assert sftp_processes() == []
 
 
 def test_a_big_file_through_the_cache_over_sftp(sshd: Sshd, tmp_path: Path,
@@ -186,4 +176,4 @@ def test_a_big_file_through_the_cache_over_sftp(sshd: Sshd, tmp_path: Path,
     assert [e.size for e in cache.entries()] == [len(data)]
     assert cache.usage() == len(data)
     assert sorted(p.name for p in (cache.root / "tmp").iterdir()) == []
-    assert openssh_children() == []
+    assert sftp_processes() == []
