@@ -105,7 +105,8 @@ class Many:
     when given, is the same change on PostgreSQL as one statement that takes
     each column of the rows as an array (``%s::TYPE[]``, through ``unnest``):
     each statement is a round of the server's protocol and executor (40,000
-    single-row event inserts were a third of its time for 20,000 tasks), and a
+    single-row event inserts were a sixth of its statement time for 20,000
+    tasks), and a
     statement per row on a table with a statement-level trigger (tasks) fires
     it per row, rewriting the same counts rows, whose versions pile up within
     the transaction.
