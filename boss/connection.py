@@ -32,7 +32,7 @@ from protocol import messages
 from protocol.errors import Code
 
 if TYPE_CHECKING:
-    from boss.service import WorkerIdentity
+    from boss.transitions import WorkerIdentity
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from boss import calls
-from boss.service import Beat, PopAnswer
 from boss.store import events as event_rows
 from boss.store.tasks import Ended
+from boss.transitions import Beat, PopAnswer
 from protocol import messages
 from protocol.errors import Code, ProtocolError
 

@@ -17,7 +17,8 @@ from sqlalchemy import event
 
 from boss import calls
 from boss.errors import DatabaseError
-from boss.service import Boss, PopAnswer
+from boss.service import Boss
+from boss.transitions import PopAnswer
 from protocol.messages import Result
 from tests.conftest import make_settings
 from tests.integration.test_transitions import bad, ok, push, states, task, worker

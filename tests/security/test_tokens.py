@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import select
 
 from boss.models import Base
-from boss.service import Boss, hash_token
+from boss.service import Boss
+from boss.transitions import hash_token
 from tests.bossd import serving
 from tests.integration.test_server import Line, hello
 from tests.integration.test_transitions import push, states, task
