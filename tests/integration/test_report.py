@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from boss import report
 from boss import service as service_module
+from boss import transitions as transitions_module
 from boss.cli import app
 from boss.errors import UserError
 from boss.models import Attempt, Worker
@@ -30,7 +31,8 @@ NOW = 2000.0  # the report's "now": long after the run below ended
 
 
 class Clock:
-    """Stands in for the ``time`` module in boss.service: the run's times are ours."""
+    """Stands in for the ``time`` module in boss.service and boss.transitions: the run's
+    times are ours."""
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -67,6 +69,7 @@ def ran(boss: Boss, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str
     """
     clock = Clock(1000.0)
     monkeypatch.setattr(service_module, "time", clock)
+    monkeypatch.setattr(transitions_module, "time", clock)
     boss.settings.cost.currency = "EUR"
     boss.settings.cost.local = 0.36
     boss.settings.cost.gce = {"e2-standard-2": 0.072}
