@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from protocol.settings import Settings
 
@@ -20,6 +22,28 @@ def wait_for(predicate: Callable[[], object], what: str, bound: float = BOUND,
             return
         time.sleep(every)
     raise AssertionError(f"gave up after {bound:.0f} s waiting for {what}")
+
+
+def run_in_threads(target: Callable[..., object], args: Iterable[tuple[Any, ...]],
+                   bound: float = BOUND) -> None:
+    """Run ``target(*a)`` for each ``a`` of ``args`` in a thread of its own, all at once;
+    fail if one is still running after ``bound`` seconds or if any raised."""
+    errors: list[BaseException] = []
+
+    def run(*a: Any) -> None:
+        try:
+            target(*a)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=a) for a in args]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + bound
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
 
 
 def quick_pool(s: Settings, slots: int, max_workers: int) -> None:

@@ -277,27 +277,17 @@ def test_concurrent_fetches_stay_within_the_bound(tmp_path: Path) -> None:
     fs = GatedFS.new()
     cache = Cache(tmp_path / "cache", 1000)
     files = [remote_file(tmp_path, f"f{i}", bytes([i]) * 300) for i in range(8)]
-    errors: list[BaseException] = []
 
     def slot(n: int) -> None:
         rng = random.Random(n)
-        try:
-            for j in range(15):
-                i = rng.randrange(len(files))
-                dest = tmp_path / f"slot{n}" / f"{j}"
-                cache.fetch(fs, str(files[i]), dest)
-                assert dest.read_bytes() == bytes([i]) * 300
-                assert cache.usage() <= 1000
-        except BaseException as exc:
-            errors.append(exc)
+        for j in range(15):
+            i = rng.randrange(len(files))
+            dest = tmp_path / f"slot{n}" / f"{j}"
+            cache.fetch(fs, str(files[i]), dest)
+            assert dest.read_bytes() == bytes([i]) * 300
+            assert cache.usage() <= 1000
 
-    threads = [threading.Thread(target=slot, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
+    waiting.run_in_threads(slot, [(n,) for n in range(4)], WAIT)
     assert cache.usage() <= 1000
     assert cache.downloads + cache.hits == 60
     assert leftovers(cache) == []

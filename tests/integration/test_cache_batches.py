@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -101,7 +100,6 @@ def test_batches_in_threads_stay_within_a_bound_they_overflow(tmp_path: Path) ->
     right and the entries never pass 1,200."""
     sources = {name: make_tree(tmp_path / name, 10, 100, tag=name) for name in ("a", "b")}
     cache = Cache(tmp_path / "cache", 1200)
-    errors: list[BaseException] = []
     peaks: list[int] = []
 
     def fetch(fs: FileSystem, rpath: str, local: Path) -> int:
@@ -112,19 +110,10 @@ def test_batches_in_threads_stay_within_a_bound_they_overflow(tmp_path: Path) ->
         return size
 
     def slot(name: str) -> None:
-        try:
-            copy_in(local_fs(), f"{tmp_path / name}/", tmp_path / f"work-{name}", fetch=fetch,
-                    batch=cache.batch)
-        except BaseException as exc:
-            errors.append(exc)
+        copy_in(local_fs(), f"{tmp_path / name}/", tmp_path / f"work-{name}", fetch=fetch,
+                batch=cache.batch)
 
-    threads = [threading.Thread(target=slot, args=(name,)) for name in sources]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
+    waiting.run_in_threads(slot, [(name,) for name in sources], WAIT)
     for name, files in sources.items():
         assert tree(tmp_path / f"work-{name}") == files
     assert max(peaks) <= 1200
