@@ -70,6 +70,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.run import Cell, Report, print_report  # noqa: E402
 from benchmarks.shell_tasks import (  # noqa: E402
     BIN,
+    cpu_of,
     scrubbed_env,
     spawn,
     stop,
@@ -316,16 +317,6 @@ def _generator(port: int, tokens: list[str], mode: str, batch: int, go: MpEvent,
     except BaseException as exc:
         ready.put(f"failed: {type(exc).__name__}: {exc}")
         out.put(Stats(errors=[f"generator: {type(exc).__name__}: {exc}"]))
-
-
-def cpu_of(pid: int) -> float:
-    """user + system CPU seconds of a process so far (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_processes(server: Any) -> list[int]:

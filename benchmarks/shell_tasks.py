@@ -134,6 +134,18 @@ def wait_listening(port: int, proc: subprocess.Popen[Any], log: Path, bound: flo
     raise BenchError(f"nothing listens on 127.0.0.1:{port} after {bound:.0f} s:\n" + tail(log))
 
 
+def cpu_of(pid: int, *, reaped: bool = False) -> float:
+    """user + system CPU seconds of a process so far (0 once it is gone); with
+    ``reaped``, those of the children it has reaped too."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    # after the ")": state is field 3, utime..cstime are fields 14..17
+    return sum(int(x) for x in fields[11:15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

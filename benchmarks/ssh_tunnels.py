@@ -44,6 +44,7 @@ from benchmarks.run import Cell, Report, print_report  # noqa: E402
 from benchmarks.shell_tasks import (  # noqa: E402
     BenchError,
     Unavailable,
+    cpu_of,
     median_or_none,
     time_ecloud,
     time_parallel,
@@ -88,9 +89,7 @@ def children_cpu() -> float:
 
 def sshd_cpu(sshd: Sshd) -> float:
     """CPU seconds of sshd and its reaped per-connection processes (the tunnels' cost)."""
-    fields = Path(f"/proc/{sshd.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # after the ")": state is field 3, utime..cstime are fields 14..17
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return cpu_of(sshd.process.pid, reaped=True)
 
 
 def logins(sshd: Sshd) -> int:
