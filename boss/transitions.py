@@ -99,15 +99,17 @@ class Transitions:
         copies every page the batch touches into its statement journal.)
         """
         now = time.time()
-        if len(batch) == 1:
-            return [self._apply_only(batch[0], now)]
-        if sum(isinstance(call, _HOT) for call in batch) >= 2:
-            # one hot call alone: its own statements are the tuned path, and cheaper
+        if sum(_tasks_in(call) for call in batch) >= 2:
+            # one task alone: its own statements are the tuned path, and cheaper; a
+            # batched report alone is not (per task a statement per row, each a round
+            # trip on PostgreSQL)
             try:
                 with self.store.tx() as conn:
                     return self._apply_together(conn, batch, now)
             except _CallByCall:
                 pass
+        if len(batch) == 1:
+            return [self._apply_only(batch[0], now)]
         with self.store.tx() as conn:
             return [self._apply_alone(conn, call, now) for call in batch]
 
@@ -310,6 +312,14 @@ class Transitions:
 
 
 _HOT = (calls.Pop, calls.Complete, calls.CompleteAndPop, calls.CompleteMany)
+
+
+def _tasks_in(call: calls.Call) -> int:
+    """How many tasks a call completes or asks for, as the set-based path counts them
+    (a pop counts once whatever its ``n``: one claim statement serves it)."""
+    if isinstance(call, calls.CompleteMany):
+        return len(call.results) + (call.n > 0)
+    return isinstance(call, _HOT)
 
 
 def _call_error(call: calls.Call, exc: BossError | SQLAlchemyError) -> BossError:

@@ -250,6 +250,45 @@ def test_pops_finding_nothing_are_answered_set_based(
     assert isinstance(last, PopAnswer) and last.drain
 
 
+def test_a_batched_report_alone_in_its_batch_is_applied_set_based(
+        boss: Boss, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's report of many results, alone in its batch, is many tasks: set-based
+    (call by call it took a statement per row per task, each a round trip on
+    PostgreSQL), with the cascades and the pop after the results."""
+    push(boss, tmp_path, [task("a"), task("b"), task("c"), task("kid", after=["a"]),
+                          task("later"), task("never", after=["b"])])
+    w = worker(boss)
+    a, b, c = boss.claim(w, 3)
+    set_based_only(monkeypatch)
+    (answer,) = boss.apply([calls.CompleteMany(
+        w, (ok(a.attempt_id), bad(b.attempt_id), ok(c.attempt_id)), (), 5)])
+    ends, popped = answer
+    assert [e.task_state for e in ends] == ["succeeded", "failed", "succeeded"]
+    # the pop comes after the results: a's child is ready for it, b's never will be
+    assert isinstance(popped, PopAnswer)
+    assert sorted(t.name for t in popped.tasks) == ["kid", "later"]
+    assert states(boss) == {"a": "succeeded", "b": "failed", "c": "succeeded",
+                            "kid": "running", "later": "running",
+                            "never": "upstream_failed"}
+    assert len(boss.events(kinds=["job.finished"])) == 3
+
+
+def test_a_batched_report_alone_that_cannot_go_set_based_is_answered_alone(
+        boss: Boss, tmp_path: Path) -> None:
+    """The set-based path refuses a pop for a worker that is gone from the table; the
+    report is then applied by itself, and fails whole (it is one call)."""
+    push(boss, tmp_path, [task("a"), task("b"), task("c")])
+    w = worker(boss)
+    a, b = boss.claim(w, 2)
+    (answer,) = boss.apply([calls.CompleteMany(
+        NO_SUCH_WORKER, (ok(a.attempt_id), ok(b.attempt_id)), (), 1)])
+    assert isinstance(answer, DatabaseError)  # c's attempt cannot name that worker
+    assert states(boss) == {"a": "running", "b": "running", "c": "ready"}
+    (answer,) = boss.apply([calls.CompleteMany(w, (ok(a.attempt_id), ok(b.attempt_id)))])
+    ends, popped = answer
+    assert [e.task_state for e in ends] == ["succeeded", "succeeded"] and popped is None
+
+
 def set_based_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test when a batch falls back to call by call (which would hide a broken
     set-based statement behind the same answers)."""
@@ -258,3 +297,4 @@ def set_based_only(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the batch fell back to call by call")
 
     monkeypatch.setattr(Boss, "_apply_alone", not_alone)
+    monkeypatch.setattr(Boss, "_apply_only", not_alone)
