@@ -119,7 +119,7 @@ _SEEN = fast.Many(
 
 
 def _ids(conn: Connection, ids: Sequence[int]) -> dict[str, Any]:
-    return {"ids": json.dumps(list(ids)) if conn.dialect.name == "sqlite" else list(ids)}
+    return {"ids": json.dumps(list(ids)) if conn.dialect.name == "sqlite" else fast.pg_array(ids)}
 
 
 def complete(conn: Connection, finishes: Sequence[Finish], now: float
@@ -255,7 +255,8 @@ def claim(conn: Connection, wants: Sequence[tuple[int, int]], lease: float, now:
         params: dict[str, Any] = {"rows": json.dumps(list(zip(task_ids, numbers, owner,
                                                               strict=True)))}
     else:
-        params = {"tasks": task_ids, "numbers": numbers, "workers": owner}
+        params = {"tasks": fast.pg_array(task_ids), "numbers": fast.pg_array(numbers),
+                  "workers": fast.pg_array(owner)}
     opened = {r.task_id: r.id for r in fast.execute(
         conn, _OPEN[conn.dialect.name], {**params, "now": now, "lease": now + lease})}
     out: list[list[tasks.Claimed]] = []

@@ -17,7 +17,7 @@ it does every other.
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -138,7 +138,7 @@ def run_many(conn: Connection, stmt: Many, rows: Sequence[Sequence[Any]]) -> Non
             # A prepared statement's generic plan, made while attempts was small and
             # kept until an analyze, read the whole table to update a batch's rows
             # (0.5 ms a batch after 20,000 tasks, growing; benchmark 3)
-            cur.execute(sql, [list(column) for column in zip(*rows, strict=True)],
+            cur.execute(sql, [pg_array(column) for column in zip(*rows, strict=True)],
                         prepare=False)
         else:
             sql = _pyformat(sql)
@@ -147,6 +147,34 @@ def run_many(conn: Connection, stmt: Many, rows: Sequence[Sequence[Any]]) -> Non
         raise _wrapped(conn, sql, rows, exc, cur) from exc
     finally:
         cur.close()
+
+
+def pg_array(values: Iterable[Any]) -> str:
+    """``values`` (ints, floats, strings, None) as a PostgreSQL array literal, for a
+    ``%s::TYPE[]`` bind.
+
+    psycopg adapts a list in Python, looking up a dumper per element: for a group
+    commit's batch of 50 tasks that was a fifth of the database thread's time on
+    PostgreSQL (benchmark 3); this builds the same text four times faster. Strings
+    are always quoted (so "NULL" stays a string), with backslash and ``"`` escaped.
+    """
+    out = []
+    for v in values:
+        if v is None:
+            out.append("NULL")
+        elif isinstance(v, str):
+            out.append('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        elif type(v) is int or type(v) is float:
+            out.append(repr(v))  # a float's repr reads back exactly (float8in)
+        elif isinstance(v, bool):
+            out.append("t" if v else "f")
+        elif isinstance(v, int):  # an IntEnum's repr is not its number
+            out.append(str(int(v)))
+        elif isinstance(v, float):
+            out.append(repr(float(v)))
+        else:
+            raise TypeError(f"no array literal for {type(v).__name__}: {v!r}")
+    return "{" + ",".join(out) + "}"
 
 
 @lru_cache(maxsize=64)

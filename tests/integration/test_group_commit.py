@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event
 
 from boss import calls
 from boss.errors import DatabaseError
 from boss.service import Boss
+from boss.store import fast
 from boss.transitions import PopAnswer
 from protocol.messages import Result
 from tests.conftest import make_settings
@@ -298,3 +301,34 @@ def set_based_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(Boss, "_apply_alone", not_alone)
     monkeypatch.setattr(Boss, "_apply_only", not_alone)
+
+
+@pytest.mark.postgres
+def test_array_literals_read_back_as_their_values(pg_server: Any) -> None:
+    """fast.pg_array builds the batch's arrays as text: every string (quotes,
+    backslashes, braces, commas, "NULL", blanks), int, float and None must come back
+    from PostgreSQL as it went in."""
+    import psycopg
+
+    url = pg_server.url("postgres").replace("postgresql+psycopg", "postgresql")
+    texts = st.lists(st.none() | st.text(st.characters(blacklist_characters="\x00",
+                                                       blacklist_categories=("Cs",))),
+                     max_size=20)
+    ints = st.lists(st.none() | st.integers(-2**31, 2**31 - 1), max_size=20)
+    floats = st.lists(st.none() | st.floats(allow_nan=False), max_size=20)
+
+    with psycopg.connect(url, autocommit=True) as db:
+        @settings(max_examples=300, deadline=None)
+        @given(texts, ints, floats)
+        def read_back(t: list[str | None], i: list[int | None], f: list[float | None]
+                      ) -> None:
+            row = db.execute("SELECT %s::text[], %s::integer[], %s::float8[]",
+                             [fast.pg_array(t), fast.pg_array(i), fast.pg_array(f)],
+                             prepare=False).fetchone()
+            assert row == (t, i, f)
+
+        read_back()
+        tricky = ['', 'NULL', 'null', ' a ', '"', '\\', '\\"', '{}', 'a,b', '{"x": 1}',
+                  'tab\there', 'line\nbreak', 'é ✓']
+        (back,) = db.execute("SELECT %s::text[]", [fast.pg_array(tricky)]).fetchone()
+        assert back == tricky
