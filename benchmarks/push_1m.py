@@ -143,10 +143,11 @@ def verify(db_url: str, want: Expected) -> dict[str, int]:
 
 
 def start_postgres(root: Path) -> tuple[str, object]:
-    """A throw-away PostgreSQL server (tests/pg.py) and a database URL in it."""
+    """A throw-away PostgreSQL server (tests/pg.py) with PostgreSQL's default
+    durability (every commit flushed), and a database URL in it."""
     from tests import pg
 
-    server, why = pg.start()
+    server, why = pg.start(durable=True)
     if server is None:
         raise SystemExit(f"cannot start PostgreSQL: {why}")
     server.psql("CREATE DATABASE bench")

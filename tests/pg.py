@@ -30,6 +30,7 @@ class PgServer:
     datadir: Path
     bindir: Path
     user: str
+    durable: bool = False
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
@@ -47,7 +48,7 @@ class PgServer:
         _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast",
                       "-w", "-t", "60", "stop"])
         time.sleep(down_seconds)
-        _as_postgres(_start_command(self.bindir, self.datadir, self.port))
+        _as_postgres(_start_command(self.bindir, self.datadir, self.port, self.durable))
         return time.monotonic() - t0
 
     def stop(self) -> None:
@@ -56,12 +57,18 @@ class PgServer:
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
 
-def _start_command(bindir: Path, datadir: Path, port: int) -> list[str]:
+# the tests' server trades crash safety for speed; a benchmark's keeps PostgreSQL's
+# defaults (every commit flushed to disk), as a user's server would
+_FAST = "-F -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+
+
+def _start_command(bindir: Path, datadir: Path, port: int, durable: bool = False
+                   ) -> list[str]:
     root = datadir.parent
     return [str(bindir / "pg_ctl"), "-D", str(datadir), "-w", "-t", "60",
             "-l", str(root / "log"), "-o",
-            f"-k {root / 'sock'} -h 127.0.0.1 -p {port} -F -c max_connections=200 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            f"-k {root / 'sock'} -h 127.0.0.1 -p {port} -c max_connections=200"
+            + ("" if durable else " " + _FAST),
             "start"]
 
 
@@ -71,8 +78,9 @@ def _as_postgres(cmd: list[str], check: bool = True) -> subprocess.CompletedProc
     return subprocess.run(cmd, check=check, capture_output=True, timeout=120)
 
 
-def start() -> tuple[PgServer | None, str]:
-    """Start a server; return (server, "") or (None, why not)."""
+def start(durable: bool = False) -> tuple[PgServer | None, str]:
+    """Start a server; return (server, "") or (None, why not). ``durable``: with
+    PostgreSQL's default fsync and synchronous commit (benchmarks), not without."""
     bindir = _bindir()
     if bindir is None:
         return None, "PostgreSQL is not installed (scripts/test.sh installs it when root)"
@@ -94,10 +102,10 @@ def start() -> tuple[PgServer | None, str]:
     try:
         _as_postgres([str(bindir / "initdb"), "-D", str(datadir), "-U", user, "-A", "trust",
                       "--no-sync", "-E", "UTF8"])
-        _as_postgres(_start_command(bindir, datadir, port))
+        _as_postgres(_start_command(bindir, datadir, port, durable))
     except subprocess.CalledProcessError as exc:
         return None, f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')[-500:]}"
-    server = PgServer(port, datadir, bindir, user)
+    server = PgServer(port, datadir, bindir, user, durable)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
