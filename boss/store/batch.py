@@ -5,7 +5,8 @@ One call at a time, a task's complete-and-pop ran some thirteen statements
 PostgreSQL, of the network: the database thread's whole cost
 (benchmarks/RESULTS.md, "Boss RPC capacity"). Here the completes of a batch
 read their attempts and tasks with one SELECT, write them with one
-``executemany`` each and insert their events with another; the pops read
+``executemany`` each and insert their events with another (on PostgreSQL one
+statement over arrays each, the attempts' read and write one UPDATE); the pops read
 their workers with one SELECT, claim with one UPDATE and open every attempt
 with one INSERT. (``executemany`` is SQLite's loop in C, and psycopg's
 pipeline: one round trip.)
@@ -67,17 +68,11 @@ def _by_dialect(sql: dict[str, str]) -> dict[str, Executable]:
 # array for PostgreSQL
 _IN = {"sqlite": "IN (SELECT value FROM json_each(:ids))",
        "postgresql": "= ANY(CAST(:ids AS INTEGER[]))"}
-# By id alone, the state checked in Python: given "state = 'running'" too, PostgreSQL
-# read the state index, which keeps an entry for every attempt that ever ran until
-# a vacuum (0.6 ms a batch after 20,000 tasks, growing), rather than the primary key.
-_ATTEMPTS = _by_dialect({
-    d: "SELECT a.id, a.task_id, a.worker_id, t.tries, t.lost, t.max_tries, a.state "
-       "FROM attempts a JOIN tasks t ON t.id = a.task_id "
-       f"WHERE a.id {_IN[d]}"
-       # the fence holds until commit: a concurrent cancel or expiry waits, then finds
-       # the attempt ended (SQLite's write lock is the whole database's already)
-       + (" FOR UPDATE OF a" if d == "postgresql" else "")
-    for d in _IN})
+# SQLite: the batch's attempts read by id, their state checked in Python, then
+# written by _FINISH (SQLite's write lock is the whole database's: no fence needed)
+_ATTEMPTS = text(
+    "SELECT a.id, a.task_id, a.worker_id, t.tries, t.lost, t.max_tries, a.state "
+    f"FROM attempts a JOIN tasks t ON t.id = a.task_id WHERE a.id {_IN['sqlite']}")
 _EDGES = _by_dialect({
     d: f"SELECT parent_id, child_id FROM task_edges WHERE parent_id {_IN[d]}" for d in _IN})
 _FREED = _by_dialect({
@@ -101,15 +96,25 @@ _OPEN = _by_dialect({
 # positional (boss.store.fast.run_many), run once per task of the batch
 _FINISH = fast.Many(
     "UPDATE attempts SET state = ?, finished_at = ?, exit_status = ?, reason = ?, "
-    "metrics = ?, stdout_tail = ?, stderr_tail = ? WHERE id = ? AND state = 'running'",
+    "metrics = ?, stdout_tail = ?, stderr_tail = ? WHERE id = ? AND state = 'running'")
+# PostgreSQL: the batch's attempts are ended by one UPDATE that returns what the
+# tasks' outcomes need, rather than read FOR UPDATE and then updated (the read's row
+# locks wrote every attempt once more: a fifth less server time per task without
+# them, benchmarks/RESULTS.md). The fence is the UPDATE's own: a concurrent cancel or
+# expiry either waits for this commit or has ended the attempt, which the WHERE then
+# skips. "state || ''": given the column itself, the planner read the (state, lease)
+# index, which keeps an entry for every attempt that ever ran until a vacuum (0.6 ms
+# a batch after 20,000 tasks, growing), rather than the primary key.
+_FINISH_RETURNING = (
     "UPDATE attempts AS a SET state = v.state, finished_at = v.finished_at, "
     "exit_status = v.exit_status, reason = v.reason, metrics = v.metrics, "
     "stdout_tail = v.stdout_tail, stderr_tail = v.stderr_tail FROM unnest("
     "%s::text[], %s::float8[], %s::integer[], %s::text[], %s::text[], %s::text[], "
-    "%s::text[], %s::integer[]) AS v(state, finished_at, exit_status, reason, "
-    # no "a.state = 'running'" (see _ATTEMPTS): these rows were read running and
-    # locked by this transaction
-    "metrics, stdout_tail, stderr_tail, id) WHERE a.id = v.id")
+    "%s::text[], %s::integer[], %s::integer[]) AS v(state, finished_at, exit_status, "
+    "reason, metrics, stdout_tail, stderr_tail, id, worker_id), tasks AS t "
+    "WHERE a.id = v.id AND (a.state || '') = 'running' "
+    "AND (v.worker_id IS NULL OR a.worker_id = v.worker_id) AND t.id = a.task_id "
+    "RETURNING a.id, a.task_id, a.worker_id, t.tries, t.lost, t.max_tries")
 _FEWER_PARENTS = (update(Task).where(Task.id == bindparam("p_task"))
                   .values(pending_parents=Task.pending_parents - bindparam("p_less")))
 _SEEN = fast.Many(
@@ -129,12 +134,16 @@ def complete(conn: Connection, finishes: Sequence[Finish], now: float
     ids = [f.result.attempt_id for f in finishes]
     if len(set(ids)) != len(ids):
         raise Unsuited("one attempt is completed twice in the batch")
-    dialect = conn.dialect.name
-    found = {r.id: r for r in fast.execute(conn, _ATTEMPTS[dialect], _ids(conn, ids))
-             if r.state == A.RUNNING}
+    metrics = {f.result.attempt_id: json.dumps(f.result.metrics) for f in finishes}
+    _stage_events(conn, finishes, set(ids), now)  # while their attempts still run
+    returning = conn.dialect.name == "postgresql"
+    if returning:  # ended already, each only if its worker's
+        found = {r.id: r for r in _finish_returning(conn, finishes, metrics, now)}
+    else:
+        found = {r.id: r for r in fast.execute(conn, _ATTEMPTS, _ids(conn, ids))
+                 if r.state == A.RUNNING}
     if len({r.task_id for r in found.values()}) != len(found):
         raise Unsuited("two running attempts of one task")
-    _stage_events(conn, finishes, set(ids), now)
     out: list[tasks.Ended | None] = []
     attempts: list[tuple[Any, ...]] = []
     task_rows: list[tuple[Any, ...]] = []
@@ -147,28 +156,39 @@ def complete(conn: Connection, finishes: Sequence[Finish], now: float
             continue
         state = _ENDING[res.outcome]
         ending = after_attempt(state, r.tries, r.lost, r.max_tries)
-        metrics = json.dumps(res.metrics)
-        attempts.append((state.value, now, res.exit_status, res.reason or None, metrics,
-                         res.stdout_tail or None, res.stderr_tail or None, res.attempt_id))
+        attempts.append((state.value, now, res.exit_status, res.reason or None,
+                         metrics[res.attempt_id], res.stdout_tail or None,
+                         res.stderr_tail or None, res.attempt_id))
         task_rows.append(tasks.end_task_row(r.task_id, ending, res.reason, now))
         # the event's data: the outcome, then the metrics (a metric of the same name wins,
         # as in a dict merged in that order: JSON's last duplicate key does)
         head = _finished_head(res.outcome, res.exit_status, ending.task_state.value,
                               res.reason)
         finished.append((now, "job.finished", r.task_id, res.attempt_id, f.worker_id,
-                         head + ("," + metrics[1:] if res.metrics else "}")))
+                         head + ("," + metrics[res.attempt_id][1:] if res.metrics else "}")))
         if ending.task_state is T.SUCCEEDED:
             succeeded.append(r.task_id)
         if ending.cascade:
             cascades.append(r.task_id)
         out.append(tasks.Ended(res.attempt_id, r.task_id, ending.task_state))
-    fast.run_many(conn, _FINISH, attempts)
+    if not returning:
+        fast.run_many(conn, _FINISH, attempts)
     fast.run_many(conn, tasks.END_TASK, task_rows)
     fast.run_many(conn, events.INSERT, finished)
     _release(conn, succeeded, now)
     for task_id in cascades:  # rare: a task out of tries; its own event is written
         tasks.cascade(conn, [task_id], now)
     return out
+
+
+def _finish_returning(conn: Connection, finishes: Sequence[Finish], metrics: dict[int, str],
+                      now: float) -> list[Any]:
+    """PostgreSQL: end the running attempts of ``finishes`` (each its worker's, unless
+    the worker is None) with one statement; their rows with their tasks' counters."""
+    return fast.returning_arrays(conn, _FINISH_RETURNING, [
+        (_ENDING[f.result.outcome].value, now, f.result.exit_status, f.result.reason or None,
+         metrics[f.result.attempt_id], f.result.stdout_tail or None,
+         f.result.stderr_tail or None, f.result.attempt_id, f.worker_id) for f in finishes])
 
 
 @lru_cache(maxsize=1024)

@@ -134,12 +134,7 @@ def run_many(conn: Connection, stmt: Many, rows: Sequence[Sequence[Any]]) -> Non
             cur.executemany(sql, rows)
         elif stmt.unnest is not None and len(rows) > 1:
             sql = stmt.unnest
-            # never prepared: the plan is made for this array and the table as it is.
-            # A prepared statement's generic plan, made while attempts was small and
-            # kept until an analyze, read the whole table to update a batch's rows
-            # (0.5 ms a batch after 20,000 tasks, growing; benchmark 3)
-            cur.execute(sql, [pg_array(column) for column in zip(*rows, strict=True)],
-                        prepare=False)
+            _execute_arrays(cur, sql, rows)
         else:
             sql = _pyformat(sql)
             cur.executemany(sql, rows)
@@ -147,6 +142,38 @@ def run_many(conn: Connection, stmt: Many, rows: Sequence[Sequence[Any]]) -> Non
         raise _wrapped(conn, sql, rows, exc, cur) from exc
     finally:
         cur.close()
+
+
+def returning_arrays(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]
+                     ) -> list[Any]:
+    """PostgreSQL: run ``sql`` once, its ``%s::TYPE[]`` binds the columns of ``rows``;
+    return its rows (named tuples)."""
+    cur = _cursor(conn)
+    try:
+        _execute_arrays(cur, sql, rows)
+        if cur.description is None and _PIPELINE in conn.info and cur.pgresult is None:
+            conn.info[_PIPELINE].sync()  # its answer has not come yet
+        row: Any = _row_types.get(sql)
+        if row is None:
+            row = _row_types[sql] = namedtuple("Row", [d[0] for d in cur.description],
+                                               rename=True)
+        make = row._make
+        return [make(r) for r in cur.fetchall()]
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _wrapped(conn, sql, rows, exc, cur) from exc
+    finally:
+        cur.close()
+
+
+_row_types: dict[str, Any] = {}
+
+
+def _execute_arrays(cur: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    # never prepared: the plan is made for this array and the table as it is. A
+    # prepared statement's generic plan, made while attempts was small and kept until
+    # an analyze, read the whole table to update a batch's rows (0.5 ms a batch after
+    # 20,000 tasks, growing; benchmark 3)
+    cur.execute(sql, [pg_array(column) for column in zip(*rows, strict=True)], prepare=False)
 
 
 def pg_array(values: Iterable[Any]) -> str:

@@ -332,3 +332,41 @@ def test_array_literals_read_back_as_their_values(pg_server: Any) -> None:
                   'tab\there', 'line\nbreak', 'é ✓']
         (back,) = db.execute("SELECT %s::text[]", [fast.pg_array(tricky)]).fetchone()
         assert back == tricky
+
+
+@pytest.mark.postgres
+def test_a_batch_completing_an_attempt_being_cancelled_waits_and_leaves_it_cancelled(
+        tmp_path: Path, pg_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fence on PostgreSQL is the attempts' UPDATE itself: a cancel not yet
+    committed holds the attempt's row; the batch waits for it, then finds the attempt
+    ended and answers None for it, and completes the other."""
+    import threading
+    import time
+
+    from boss.store import tasks as task_rows
+    from tests.conftest import fresh_pg_url
+
+    boss = Boss(make_settings(tmp_path, fresh_pg_url(pg_server)))
+    try:
+        boss.init()
+        push(boss, tmp_path, [task("kept"), task("cancelled")])
+        w = worker(boss)
+        kept, doomed = boss.claim(w, 2)
+        set_based_only(monkeypatch)
+        answers: list[Any] = []
+        with boss.store.tx() as conn:
+            task_rows.cancel(conn, "cancelled", time.time())
+            applying = threading.Thread(target=lambda: answers.append(boss.apply([
+                calls.CompleteMany(w, (ok(kept.attempt_id), ok(doomed.attempt_id)))])))
+            applying.start()
+            applying.join(1.0)
+            assert applying.is_alive() and not answers  # waiting for the cancel's row lock
+        applying.join(30)
+        assert not applying.is_alive()
+        ((ends, _),) = answers[0]
+        assert [e.task_state if e else None for e in ends] == ["succeeded", None]
+        assert states(boss) == {"kept": "succeeded", "cancelled": "cancelled"}
+        (attempt,) = boss.show("cancelled")["attempts"]
+        assert attempt["state"] == "cancelled"
+    finally:
+        boss.close()
