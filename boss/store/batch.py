@@ -156,9 +156,10 @@ def complete(conn: Connection, finishes: Sequence[Finish], now: float
             continue
         state = _ENDING[res.outcome]
         ending = after_attempt(state, r.tries, r.lost, r.max_tries)
-        attempts.append((state.value, now, res.exit_status, res.reason or None,
-                         metrics[res.attempt_id], res.stdout_tail or None,
-                         res.stderr_tail or None, res.attempt_id))
+        if not returning:
+            attempts.append((state.value, now, res.exit_status, res.reason or None,
+                             metrics[res.attempt_id], res.stdout_tail or None,
+                             res.stderr_tail or None, res.attempt_id))
         task_rows.append(tasks.end_task_row(r.task_id, ending, res.reason, now))
         # the event's data: the outcome, then the metrics (a metric of the same name wins,
         # as in a dict merged in that order: JSON's last duplicate key does)
@@ -171,8 +172,7 @@ def complete(conn: Connection, finishes: Sequence[Finish], now: float
         if ending.cascade:
             cascades.append(r.task_id)
         out.append(tasks.Ended(res.attempt_id, r.task_id, ending.task_state))
-    if not returning:
-        fast.run_many(conn, _FINISH, attempts)
+    fast.run_many(conn, _FINISH, attempts)  # SQLite's; nothing left on PostgreSQL
     fast.run_many(conn, tasks.END_TASK, task_rows)
     fast.run_many(conn, events.INSERT, finished)
     _release(conn, succeeded, now)
