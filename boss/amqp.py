@@ -274,6 +274,12 @@ class EventPublisher:
             try:
                 ready = self._session()
             except Exception as exc:  # a bug or pika's: the publisher must outlive it
+                if self._stop.is_set():
+                    # pika 1.3 asserts when a connection still in its handshake is
+                    # closed (its aborted workflow reports a class, not an instance);
+                    # the socket is closed by then, and stopping is what was asked
+                    log.debug("events: stopping the AMQP connection: %r", exc)
+                    break
                 log.exception("events: the AMQP connection failed")
                 ready, self._problem = False, _describe(exc)
             if self._stop.is_set():

@@ -472,3 +472,30 @@ def test_postgres_waits_for_a_gap_to_be_committed_or_rolled_back(
         held.close()
         consumer.close()
         boss.close()
+
+
+def test_stopping_during_the_handshake_with_a_silent_broker_is_quiet_and_closes(
+        sqlite_boss: Boss, caplog: pytest.LogCaptureFixture) -> None:
+    """A broker that accepts the connection and never answers (hung, or not AMQP):
+    stopping the publisher while its handshake waits logs no error and closes the
+    connection (pika asserts on closing a connection mid-handshake)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    publisher = EventPublisher(sqlite_boss.store, f"amqp://guest:guest@127.0.0.1:{port}/",
+                               backoff=(0.1, 0.2))
+    caplog.set_level(logging.DEBUG, logger="boss.amqp")
+    publisher.start()
+    try:
+        held, _ = listener.accept()  # its handshake now waits for the broker's first frame
+    finally:
+        started = time.monotonic()
+        publisher.stop(timeout=10)
+        took = time.monotonic() - started
+        listener.close()
+    with held:
+        held.settimeout(10)
+        while held.recv(4096):  # the protocol header, then the end of the stream
+            pass
+    assert took < 5
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
