@@ -157,9 +157,7 @@ def complete(conn: Connection, finishes: Sequence[Finish], now: float
         state = _ENDING[res.outcome]
         ending = after_attempt(state, r.tries, r.lost, r.max_tries)
         if not returning:
-            attempts.append((state.value, now, res.exit_status, res.reason or None,
-                             metrics[res.attempt_id], res.stdout_tail or None,
-                             res.stderr_tail or None, res.attempt_id))
+            attempts.append(_attempt_row(res, metrics[res.attempt_id], now))
         task_rows.append(tasks.end_task_row(r.task_id, ending, res.reason, now))
         # the event's data: the outcome, then the metrics (a metric of the same name wins,
         # as in a dict merged in that order: JSON's last duplicate key does)
@@ -186,9 +184,14 @@ def _finish_returning(conn: Connection, finishes: Sequence[Finish], metrics: dic
     """PostgreSQL: end the running attempts of ``finishes`` (each its worker's, unless
     the worker is None) with one statement; their rows with their tasks' counters."""
     return fast.returning_arrays(conn, _FINISH_RETURNING, [
-        (_ENDING[f.result.outcome].value, now, f.result.exit_status, f.result.reason or None,
-         metrics[f.result.attempt_id], f.result.stdout_tail or None,
-         f.result.stderr_tail or None, f.result.attempt_id, f.worker_id) for f in finishes])
+        (*_attempt_row(f.result, metrics[f.result.attempt_id], now), f.worker_id)
+        for f in finishes])
+
+
+def _attempt_row(res: Result, metrics: str, now: float) -> tuple[Any, ...]:
+    """An ended attempt's values, in the order of _FINISH's (and _FINISH_RETURNING's)."""
+    return (_ENDING[res.outcome].value, now, res.exit_status, res.reason or None, metrics,
+            res.stdout_tail or None, res.stderr_tail or None, res.attempt_id)
 
 
 @lru_cache(maxsize=1024)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import namedtuple
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -40,7 +40,6 @@ class _Compiled:
     stmt: Executable  # held, so that its id is not reused while cached
     sql: str
     fixed: dict[str, Any]  # values bound when the statement was built (literals)
-    row: Any = field(default=None)  # the named tuple of its result rows, once seen
 
 
 _cache: dict[tuple[int, str, tuple[str, ...]], _Compiled] = {}
@@ -67,19 +66,28 @@ def execute(conn: Connection, stmt: Executable, params: Params | None = None) ->
     cur = _cursor(conn)
     try:
         cur.execute(c.sql, values)
-        if cur.description is None and _PIPELINE in conn.info and cur.pgresult is None:
-            conn.info[_PIPELINE].sync()  # its answer has not come yet
-        if cur.description is None:
-            return []
-        if c.row is None:
-            c.row = namedtuple("Row", [d[0] for d in cur.description],  # type: ignore[misc]
-                               rename=True)
-        make = c.row._make
-        return [make(r) for r in cur.fetchall()]
+        return _answer(conn, cur, c.sql)
     except conn.dialect.loaded_dbapi.Error as exc:
         raise _wrapped(conn, c.sql, values, exc, cur) from exc
     finally:
         cur.close()
+
+
+_row_types: dict[str, Any] = {}  # SQL -> the named tuple of its result rows, once seen
+
+
+def _answer(conn: Connection, cur: Any, sql: str) -> list[Any]:
+    """The rows of the statement ``sql`` just run on ``cur`` (named tuples), if any."""
+    if cur.description is None and _PIPELINE in conn.info and cur.pgresult is None:
+        conn.info[_PIPELINE].sync()  # its answer has not come yet
+    if cur.description is None:
+        return []
+    row: Any = _row_types.get(sql)
+    if row is None:
+        row = _row_types[sql] = namedtuple("Row", [d[0] for d in cur.description],
+                                           rename=True)
+    make = row._make
+    return [make(r) for r in cur.fetchall()]
 
 
 def execute_many(conn: Connection, stmt: Executable, rows: Sequence[Params]) -> None:
@@ -151,21 +159,11 @@ def returning_arrays(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]
     cur = _cursor(conn)
     try:
         _execute_arrays(cur, sql, rows)
-        if cur.description is None and _PIPELINE in conn.info and cur.pgresult is None:
-            conn.info[_PIPELINE].sync()  # its answer has not come yet
-        row: Any = _row_types.get(sql)
-        if row is None:
-            row = _row_types[sql] = namedtuple("Row", [d[0] for d in cur.description],
-                                               rename=True)
-        make = row._make
-        return [make(r) for r in cur.fetchall()]
+        return _answer(conn, cur, sql)
     except conn.dialect.loaded_dbapi.Error as exc:
         raise _wrapped(conn, sql, rows, exc, cur) from exc
     finally:
         cur.close()
-
-
-_row_types: dict[str, Any] = {}
 
 
 def _execute_arrays(cur: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
