@@ -170,6 +170,18 @@ def end_process(proc: subprocess.Popen[bytes], *, kill: bool = False) -> None:
         proc.wait()
 
 
+def stderr_tail(stderr: IO[bytes]) -> str:
+    """The last (at most three) lines an OpenSSH program wrote to its stderr file,
+    joined by "; "; empty when it wrote none or the file is closed."""
+    try:
+        size = stderr.seek(0, os.SEEK_END)
+        stderr.seek(max(0, size - STDERR_TAIL))
+        tail = stderr.read().decode("utf-8", "replace").strip()
+    except (OSError, ValueError):  # already closed
+        return ""
+    return "; ".join([ln for ln in tail.splitlines() if ln.strip()][-3:])
+
+
 def close_streams(*streams: IO[bytes] | None) -> None:
     for stream in streams:
         try:
@@ -260,14 +272,7 @@ class SftpProcess:
 
     def reason(self, status: int | None) -> str:
         """The last lines sftp wrote on stderr, else its exit status."""
-        try:
-            size = self._stderr.seek(0, os.SEEK_END)
-            self._stderr.seek(max(0, size - STDERR_TAIL))
-            tail = self._stderr.read().decode("utf-8", "replace").strip()
-        except (OSError, ValueError):  # already closed
-            tail = ""
-        lines = [ln for ln in tail.splitlines() if ln.strip()][-3:]
-        return "; ".join(lines) if lines else f"sftp exited with status {status}"
+        return stderr_tail(self._stderr) or f"sftp exited with status {status}"
 
     def _end(self) -> int | None:
         """Wait for a failed sftp to exit (it does, in batch mode) and reap it."""

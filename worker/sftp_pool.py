@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import IO
 
 from worker.sftp_batch import (
-    STDERR_TAIL,
     STOP_SECONDS,
     Login,
     SftpError,
@@ -36,6 +35,7 @@ from worker.sftp_batch import (
     get_command,
     landing,
     open_empty,
+    stderr_tail,
     temp_beside,
 )
 
@@ -262,14 +262,7 @@ class SftpStream:
         self._version.done.set()  # kind 0: the start fails
 
     def _reason(self, what: str) -> str:
-        try:
-            size = self._stderr.seek(0, os.SEEK_END)
-            self._stderr.seek(max(0, size - STDERR_TAIL))
-            tail = self._stderr.read().decode("utf-8", "replace").strip()
-        except (OSError, ValueError):
-            tail = ""
-        lines = [ln for ln in tail.splitlines() if ln.strip()][-3:]
-        return "; ".join(lines) if lines else what
+        return stderr_tail(self._stderr) or what
 
     def _status_error(self, remote: str, kind: int, body: bytes) -> Exception:
         if kind == _FXP_STATUS and len(body) >= 8:
