@@ -13,7 +13,7 @@ and ecloud's copy is what an attempt does to stage in an input without a
 cache: open the bucket (worker/datastore.py ``Datastore``: a new SSH login per
 attempt), ``copy_in`` (``get_file`` per file; a directory input, ``data:small/``,
 is listed with ``find`` and copied file by file), close it. Downloads go through
-OpenSSH (worker/sftp_batch.py: ``sftp`` for a file of 16 MiB or more, and for
+OpenSSH (worker/sftp_pool.py: ``sftp`` for a file of 16 MiB or more, and for
 a directory of 32 files or more over up to 4 connections, the directory's files
 under 1 MiB over one ``ssh -s sftp`` with 16 in flight) unless ``--openssh no``.
 "ecloud+cache" is the same through a fresh (cold) input cache, which is what

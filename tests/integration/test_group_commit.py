@@ -9,9 +9,12 @@ and on a real PostgreSQL server.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,9 +24,10 @@ from boss import calls
 from boss.errors import DatabaseError
 from boss.service import Boss
 from boss.store import fast
+from boss.store import tasks as task_rows
 from boss.transitions import PopAnswer
 from protocol.messages import Result
-from tests.conftest import make_settings
+from tests.conftest import fresh_pg_url, make_settings
 from tests.integration.test_transitions import bad, ok, push, states, task, worker
 
 NO_SUCH_WORKER = 999_999
@@ -308,8 +312,6 @@ def test_array_literals_read_back_as_their_values(pg_server: Any) -> None:
     """fast.pg_array builds the batch's arrays as text: every string (quotes,
     backslashes, braces, commas, "NULL", blanks), int, float and None must come back
     from PostgreSQL as it went in."""
-    import psycopg
-
     url = pg_server.url("postgres").replace("postgresql+psycopg", "postgresql")
     texts = st.lists(st.none() | st.text(st.characters(blacklist_characters="\x00",
                                                        blacklist_categories=("Cs",))),
@@ -340,12 +342,6 @@ def test_a_batch_completing_an_attempt_being_cancelled_waits_and_leaves_it_cance
     """The fence on PostgreSQL is the attempts' UPDATE itself: a cancel not yet
     committed holds the attempt's row; the batch waits for it, then finds the attempt
     ended and answers None for it, and completes the other."""
-    import threading
-    import time
-
-    from boss.store import tasks as task_rows
-    from tests.conftest import fresh_pg_url
-
     boss = Boss(make_settings(tmp_path, fresh_pg_url(pg_server)))
     try:
         boss.init()
