@@ -3,8 +3,9 @@
 Storage modes (hyperflow):
 
 - ``cloud``: inputs are copied from their buckets through the shared cache into
-  a fresh work directory (``workdir_root/<attempt_id>/work``), outputs are
-  copied back, and the directory is removed at the end.
+  an empty work directory (``workdir_root/<attempt_id>/work``), outputs are
+  copied back, and the directory is removed at the end (or, when the attempt
+  left it empty, kept for the next one: see ``worker/workdirs.py``).
 - ``nfs``: the same, but the buckets are ``file://`` paths on a shared
   filesystem, copied directly (a cache would only duplicate them).
 - ``local``: the commands run in place in the document's ``workdir``; nothing
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +52,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.execution import Execution, Step, base_env, command_argv, run_steps
+from worker.workdirs import WorkTrees
 
 log = logging.getLogger(__name__)
 FULL_BYTES = 1 << 20  # free space under which a failed command is said to have filled the disk
@@ -71,6 +71,7 @@ class AttemptEnv:
     storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # attempt id -> why it may no longer publish outputs (lease not renewed), or None
     fence: Callable[[int], str | None] | None = None
+    trees: WorkTrees = field(default_factory=WorkTrees)
 
 
 @dataclass(frozen=True)
@@ -111,43 +112,6 @@ class Layout:
                             f"the work directory {self.work}; symbolic links may not leave it")
 
 
-class Janitor:
-    """Removes finished attempts' work directories on a thread of its own.
-
-    Removing a tree costs milliseconds per directory on some filesystems; off
-    the slot's path, the next task starts at once. :meth:`flush` (at worker exit)
-    waits for the queue to empty.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[Path] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def remove(self, path: Path) -> None:
-        self._queue.put(path)
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="janitor", daemon=True)
-                self._thread.start()
-
-    def flush(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def _run(self) -> None:
-        while True:
-            path = self._queue.get()
-            try:
-                shutil.rmtree(path, ignore_errors=True)
-            finally:
-                self._queue.task_done()
-
-
-JANITOR = Janitor()
-
-
 def run_attempt(assignment: Assignment, env: AttemptEnv, emit: Emit,
                 cancel: threading.Event) -> Result:
     """Run one attempt end to end; every problem of the task becomes a failed Result."""
@@ -158,7 +122,7 @@ def run_attempt(assignment: Assignment, env: AttemptEnv, emit: Emit,
         log.exception("attempt %s of task %r", assignment.attempt_id, assignment.name)
         return attempt.result("failed", f"internal worker error: {type(exc).__name__}: {exc}")
     finally:
-        JANITOR.remove(attempt.root)
+        env.trees.done(attempt.root, reusable=attempt.on_host)
 
 
 class _Attempt:
@@ -172,6 +136,7 @@ class _Attempt:
         self.metrics: dict[str, float] = {"wall": 0.0, "cpu": 0.0, "max_rss": 0.0,
                                           "bytes_in": 0.0, "bytes_out": 0.0}
         self.execution: Execution | None = None
+        self.on_host = False  # its commands ran (if at all) outside a container
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         try:
@@ -193,9 +158,9 @@ class _Attempt:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                  for e in exc.errors(include_url=False))
             return self.result("failed", f"invalid task document: {problems}")
-        shutil.rmtree(self.root, ignore_errors=True)  # left by a crashed earlier run
+        self.on_host = doc.image is None
         try:
-            (self.root / "logs").mkdir(parents=True)
+            self.env.trees.make(self.root)
         except OSError as exc:  # read-only, full, a file in the way: the worker's setup
             return self.result("failed", f"cannot make the work directory {self.root}: "
                                f"{exc.strerror or exc} (check the worker's workdir "
@@ -220,7 +185,6 @@ class _Attempt:
                                    "'local' runs the commands in place there)")
         else:
             work = self.root / "work"
-            work.mkdir()
         layout = Layout(work, container=doc.image is not None)
         inputs = _bindings(doc.inputs, "inputs", layout)
         outputs = _bindings(doc.outputs, "outputs", layout)

@@ -44,10 +44,11 @@ from tests.faults.late_reports import attempts_and_tasks, late_complete, query
 from tests.netns import HostPool, can_make_namespaces, host_pool
 from tests.sshd import Sshd, ssh_keygen, start_sshd
 from tests.waiting import wait_for
-from worker.attempt import JANITOR, AttemptEnv, run_attempt
+from worker.attempt import AttemptEnv, run_attempt
 from worker.client import BossClient
 from worker.daemon import Worker, _Running
 from worker.transport import TcpTransport
+from worker.workdirs import JANITOR
 
 pytestmark = pytest.mark.sshd
 

@@ -23,8 +23,9 @@ from protocol.messages import Assignment, Result
 from protocol.settings import WorkerSettings
 from tests import sshd as sshd_helper
 from tests.sshd import Sshd
-from worker.attempt import JANITOR, AttemptEnv, log_prefix, run_attempt
+from worker.attempt import AttemptEnv, log_prefix, run_attempt
 from worker.cache import Cache
+from worker.workdirs import JANITOR
 
 sshd = sshd_helper.sshd  # the fixture; assigned, not imported, so ruff sees no F811
 

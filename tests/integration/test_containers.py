@@ -21,11 +21,12 @@ from protocol.messages import Assignment, Result
 from protocol.settings import WorkerSettings
 from tests import waiting
 from tests.podman_image import ensure_image, podman_missing_reason
-from worker.attempt import JANITOR, AttemptEnv, run_attempt
+from worker.attempt import AttemptEnv, run_attempt
 from worker.cache import Cache
 from worker.containers import CliRuntime, ContainerSpec, Mount, container_name, runtime_for
 from worker.errors import ContainerError
 from worker.execution import Step, run_steps
+from worker.workdirs import JANITOR
 
 pytestmark = pytest.mark.podman
 

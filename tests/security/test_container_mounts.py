@@ -21,8 +21,9 @@ import pytest
 from protocol.messages import Assignment, Result
 from protocol.settings import WorkerSettings
 from tests.podman_image import ensure_image, podman_missing_reason
-from worker.attempt import JANITOR, AttemptEnv, run_attempt
+from worker.attempt import AttemptEnv, run_attempt
 from worker.cache import Cache
+from worker.workdirs import JANITOR
 
 pytestmark = pytest.mark.podman
 
