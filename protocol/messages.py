@@ -143,10 +143,19 @@ def parse_request(line: bytes) -> Request:
 
 def request_id(line: bytes) -> int | None:
     """Best effort: the id of a request that failed to parse, for the error reply."""
+    return message_id(decode(line))
+
+
+def decode(line: bytes) -> Any:
+    """A line's JSON value (NaN and Infinity allowed), or None when it is not JSON."""
     try:
-        obj = _loads(line, strict=False)
+        return _loads(line, strict=False)
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+def message_id(obj: Any) -> int | None:
+    """The integer ``id`` of a decoded request or reply, or None."""
     rid = obj.get("id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
 
@@ -157,6 +166,11 @@ def parse_reply(line: bytes) -> tuple[int | None, dict[str, Any]]:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(Code.MALFORMED, f"reply is not JSON: {exc}") from None
+    return reply_of(obj)
+
+
+def reply_of(obj: Any) -> tuple[int | None, dict[str, Any]]:
+    """:func:`parse_reply` of a reply already decoded (by :func:`decode`)."""
     if not isinstance(obj, dict) or "ok" not in obj:
         raise ProtocolError(Code.MALFORMED, "reply is not a reply object")
     if not obj["ok"]:

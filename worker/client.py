@@ -281,7 +281,8 @@ class _Link:
         self.channel = channel
         self._send = threading.Lock()
         self._cond = threading.Condition()
-        self._replies: dict[int, bytes | None] = {}  # id -> reply line, None while waited for
+        # id -> the decoded reply (a dict), None while waited for
+        self._replies: dict[int, dict[str, Any] | None] = {}
         self._reading = False
         self._broken: TransportError | None = None
         self._ids = 0
@@ -296,24 +297,24 @@ class _Link:
         try:
             with self._send:
                 self.channel.send(messages.request(rid, name, args))
-            line = self._wait(rid)
+            reply = self._wait(rid)
         finally:
             with self._cond:
                 self._replies.pop(rid, None)
-        reply_id, result = messages.parse_reply(line)
+        reply_id, result = messages.reply_of(reply)
         if reply_id != rid:  # pragma: no cover - _wait routes by id
             raise TransportError(f"reply {reply_id} to request {rid}: out of step")
         return result
 
-    def _wait(self, rid: int) -> bytes:
+    def _wait(self, rid: int) -> dict[str, Any]:
         while True:
             with self._cond:
                 while True:
                     if self._broken is not None:
                         raise TransportError(str(self._broken))
-                    line = self._replies.get(rid)
-                    if line is not None:
-                        return line
+                    reply = self._replies.get(rid)
+                    if reply is not None:
+                        return reply
                     if not self._reading:
                         self._reading = True
                         break
@@ -323,7 +324,8 @@ class _Link:
             except TransportError as exc:
                 self._fail(exc)
                 raise
-            owner = messages.request_id(got)
+            decoded = messages.decode(got)  # once: the caller reads this same object
+            owner = messages.message_id(decoded)
             with self._cond:
                 self._reading = False
                 if owner is None or owner not in self._replies:
@@ -332,7 +334,7 @@ class _Link:
                         f"a reply to request {owner} that no call is waiting for: out of step")
                     self.channel.close()
                 else:
-                    self._replies[owner] = got
+                    self._replies[owner] = decoded
                 self._cond.notify_all()
 
     def _fail(self, exc: TransportError) -> None:

@@ -24,13 +24,15 @@ BOUND = 30.0  # seconds
 
 
 class ReversingServer:
-    def __init__(self, hold: int, then_close: bool = False) -> None:
+    def __init__(self, hold: int, then_close: bool = False, first: bytes | None = None
+                 ) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(1)
         self.port: int = self.sock.getsockname()[1]
         self.hold = hold
         self.then_close = then_close
+        self.first = first  # a line sent before the replies
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -41,6 +43,8 @@ class ReversingServer:
             conn.sendall(messages.ok(hello["id"], {
                 "worker_id": 1, "name": "w", "lease_seconds": 30, "heartbeat_seconds": 1}))
             held = [json.loads(lines.readline()) for _ in range(self.hold)]  # bounded
+            if self.first is not None:
+                conn.sendall(self.first)
             if self.then_close:
                 return
             for req in reversed(held):
@@ -91,3 +95,18 @@ def test_a_broken_channel_fails_every_waiting_call(server: ReversingServer) -> N
     results = run_calls(client)
     assert all(isinstance(r, TransportError) for r in results), results
     client.close()
+
+
+@pytest.mark.parametrize("first", [b"not json\n", b'{"v": 1, "id": 99, "ok": true}\n',
+                                   b'[1, 2]\n'])
+def test_a_line_that_is_no_callers_reply_fails_every_waiting_call(first: bytes) -> None:
+    server = ReversingServer(CALLS, first=first)
+    client = BossClient(TcpTransport("127.0.0.1", server.port, timeout=BOUND), "tok", slots=2)
+    try:
+        client.hello()
+        results = run_calls(client)
+        assert all(isinstance(r, TransportError) for r in results), results
+        assert any("out of step" in str(r) for r in results), results
+    finally:
+        client.close()
+        server.close()
