@@ -3,15 +3,15 @@
 Every attempt runs in ``<workdir root>/<attempt id>/``, which holds ``logs/``
 (the commands' captured output) and ``work/`` (the commands' working
 directory, with the staged inputs and the outputs). Making that tree and
-removing it again cost half a millisecond of syscalls per task on ext4, more
-than the rest of a short task's bookkeeping, so a tree an attempt left clean is
-kept instead: renamed aside (``.kept-<id>``) and renamed into place for the next
-attempt. Clean means what a fresh tree would be: an empty ``work/``, and in
-``logs/`` only empty files, which the next attempt truncates when it writes
-them (log files with content are unlinked first, so no output of one task can
-show through in another's). Anything else, an attempt in a container, or a
-tree that cannot be checked, goes to the :class:`Janitor`, which removes it on a
-thread of its own.
+removing it again cost from half a millisecond to several per task on ext4
+(``benchmarks/run.py work_trees``), more than the rest of a short task's
+bookkeeping, so a tree an attempt left clean is kept instead: renamed aside
+(``.kept-<id>``) and renamed into place for the next attempt. Clean means what
+a fresh tree would be: an empty ``work/``, and in ``logs/`` only empty files,
+which the next attempt truncates when it writes them (log files with content
+are unlinked first, so no output of one task can show through in another's).
+Anything else, an attempt in a container, or a tree that cannot be checked,
+goes to the :class:`Janitor`, which removes it on a thread of its own.
 """
 
 from __future__ import annotations
