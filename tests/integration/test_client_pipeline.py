@@ -32,7 +32,7 @@ class ReversingServer:
         self.port: int = self.sock.getsockname()[1]
         self.hold = hold
         self.then_close = then_close
-        self.first = first  # a line sent before the replies
+        self.first = first  # a line sent instead of the replies
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -43,8 +43,9 @@ class ReversingServer:
             conn.sendall(messages.ok(hello["id"], {
                 "worker_id": 1, "name": "w", "lease_seconds": 30, "heartbeat_seconds": 1}))
             held = [json.loads(lines.readline()) for _ in range(self.hold)]  # bounded
-            if self.first is not None:
+            if self.first is not None:  # the client gives up on the link: reply no more
                 conn.sendall(self.first)
+                return
             if self.then_close:
                 return
             for req in reversed(held):

@@ -40,8 +40,10 @@ def served(tmp_path: Path) -> Iterator[tuple[Boss, Server]]:
         boss.close()
 
 
-def start_worker(boss: Boss, server: Server, slots: int = 2, **kw: object
+def start_worker(boss: Boss, server: Server, slots: int = 2, start: bool = True, **kw: object
                  ) -> tuple[Worker, threading.Thread, list[Summary]]:
+    """A worker running in a thread (not yet started with ``start=False``: a test whose
+    hooks read the worker binds it first, or a fast task may finish before it is bound)."""
     _, _, token = boss.add_worker(slots=slots)
     settings: Settings = boss.settings
     client = BossClient(TcpTransport("127.0.0.1", server.port), token, slots=slots,
@@ -51,7 +53,8 @@ def start_worker(boss: Boss, server: Server, slots: int = 2, **kw: object
     worker = Worker(client, env, slots, **kw)  # type: ignore[arg-type]
     out: list[Summary] = []
     thread = threading.Thread(target=lambda: out.append(worker.run()), daemon=True)
-    thread.start()
+    if start:
+        thread.start()
     return worker, thread, out
 
 
@@ -143,10 +146,15 @@ def test_tasks_claimed_ahead_never_wait_behind_a_long_one(served: tuple[Boss, Se
 
 def test_results_finished_while_a_report_is_on_its_way_go_in_one_call(
         served: tuple[Boss, Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Four slots; the boss holds the first report's transaction until the other slots
-    have finished theirs: those then go together, in one batched complete."""
+    """Four slots; t0 finishes first, and the other three only once its report has
+    reached the boss, which holds that report's transaction until they have finished
+    too: those three then go together, in one batched complete."""
     boss, server = served
-    push(boss, tmp_path, [task(f"t{i}") for i in range(4)])
+    arrived = tmp_path / "first-report-arrived"
+    # bounded: 30 s, then the task fails and so does the test
+    wait = {"command": [f"for i in $(seq 3000); do [ -e {arrived} ] && exit 0; sleep 0.01; "
+                        "done; exit 1"], "shell": True}
+    push(boss, tmp_path, [task("t0")] + [task(f"t{i}", commands=[wait]) for i in (1, 2, 3)])
     worker: Worker | None = None
     applied: list[object] = []
     real_apply = boss.apply
@@ -155,21 +163,21 @@ def test_results_finished_while_a_report_is_on_its_way_go_in_one_call(
         ends = [c for c in batch if isinstance(c, (calls.CompleteAndPop, calls.CompleteMany))]
         if ends and not applied and worker is not None:
             queued = worker._reports  # the reporter's queue: the results waiting for this one
-            # two slots may finish together and already share this first report
-            first = sum(_results(c) for c in ends)
-            waiting.wait_for(lambda: first + len(queued) == 4, "the other results to queue",
-                             BOUND, every=0.01)
+            arrived.touch()
+            waiting.wait_for(lambda: len(queued) == 3, "the other results to queue", BOUND,
+                             every=0.01)
         applied.extend(ends)
         return real_apply(batch)
 
     monkeypatch.setattr(boss, "apply", apply)
-    worker, thread, out = start_worker(boss, server, slots=4, burst=True)
+    # bound before it starts: the hook above reads it when the first report comes
+    worker, thread, out = start_worker(boss, server, slots=4, burst=True, start=False)
+    thread.start()
     thread.join(BOUND)
     assert not thread.is_alive()
     assert out[0].succeeded == 4 and out[0].refused == 0
     assert set(states(boss).values()) == {"succeeded"}
-    sizes = [_results(c) for c in applied]
-    assert len(sizes) == 2 and sum(sizes) == 4, sizes
+    assert [_results(c) for c in applied] == [1, 3]
 
 
 def _results(call: object) -> int:
