@@ -58,12 +58,17 @@ def _setup_files(d: Path, count: int) -> None:
         _create(d, i)
 
 
+def _open_logs(root: Path) -> None:
+    """What the command's run does to the tree: open (make or truncate) its two logs."""
+    for name in ("0.stdout", "0.stderr"):
+        open(root / "logs" / name, "wb").close()
+
+
 def _tree(d: Path, i: int) -> None:
     root = d / str(i)
     (root / "logs").mkdir(parents=True)
     (root / "work").mkdir()
-    for name in ("0.stdout", "0.stderr"):
-        open(root / "logs" / name, "wb").close()
+    _open_logs(root)
     shutil.rmtree(root)
 
 
@@ -71,8 +76,7 @@ def _kept(trees: WorkTrees) -> Op:
     def op(d: Path, i: int) -> None:
         root = d / str(i)
         trees.make(root)
-        for name in ("0.stdout", "0.stderr"):
-            open(root / "logs" / name, "wb").close()
+        _open_logs(root)
         trees.done(root, reusable=True)
     return op
 

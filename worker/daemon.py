@@ -41,7 +41,6 @@ from protocol.messages import Assignment, Result
 from worker.attempt import AttemptEnv, run_attempt
 from worker.client import BossClient, BossGone
 from worker.transport import TransportError
-from worker.workdirs import JANITOR
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 10_000  # beyond this (boss away for long), progress events are dropped
@@ -146,8 +145,7 @@ class Worker:
                 for r in self._reserve:
                     self._running.pop(r.assignment.attempt_id, None)
                 self._reserve.clear()
-            self.env.trees.close()
-            JANITOR.flush()
+            self.env.trees.close()  # and waits for the janitor
             self._beats_done.set()
             beat.join(timeout=30)
             self.summary.reason = reason

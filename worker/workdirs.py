@@ -116,12 +116,13 @@ class WorkTrees:
         self._janitor.remove(root)
 
     def close(self) -> None:
-        """Hand every kept tree to the janitor, and any that ends later (at worker exit;
-        flush the janitor after)."""
+        """At worker exit: remove every kept tree, and wait until the janitor has removed
+        every tree handed to it; a tree that ends later goes to the janitor too."""
         with self._lock:
             kept, self._kept, self._closed = self._kept, [], True
         for path in kept:
             self._janitor.remove(path)
+        self._janitor.flush()
 
 
 # mode, owner and group of the root, logs/ and work/, by lstat (a symlink is not a directory)
