@@ -41,6 +41,7 @@ from protocol.messages import Assignment, Result
 from worker.attempt import AttemptEnv, run_attempt
 from worker.client import BossClient, BossGone
 from worker.transport import TransportError
+from worker.workdirs import SWEEP_SECONDS
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 10_000  # beyond this (boss away for long), progress events are dropped
@@ -121,6 +122,7 @@ class Worker:
         self.env.fence = partial(self._fence, welcome.lease_seconds)
         log.info("worker %s (id %d) joined the boss with %d slot(s)", welcome.name,
                  welcome.worker_id, self.slots)
+        self.env.trees.sweep(self.env.workdir_root)  # trees of workers that died
         beat = threading.Thread(target=self._heartbeat,
                                 args=(welcome.heartbeat_seconds, welcome.lease_seconds),
                                 name="heartbeat", daemon=True)
@@ -352,6 +354,7 @@ class Worker:
     def _heartbeat(self, every: float, lease: float) -> None:
         while not self._beats_done.wait(every):
             self._flush_events()
+            self.env.trees.sweep(self.env.workdir_root, every=SWEEP_SECONDS)
             with self._lock:
                 ids = sorted(self._running)
                 # an attempt older than its lease cannot come back: forget it

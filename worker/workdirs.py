@@ -12,17 +12,39 @@ which the next attempt truncates when it writes them (log files with content
 are unlinked first, so no output of one task can show through in another's).
 Anything else, an attempt in a container, or a tree that cannot be checked,
 goes to the :class:`Janitor`, which removes it on a thread of its own.
+
+A worker holds a lock (``flock``) on each of its trees, running or kept, for as
+long as it has them; the kernel drops the locks when the worker dies, however
+it dies. So the trees a killed worker left behind are the ones nobody can
+lock, and :meth:`WorkTrees.sweep` (run by every worker when it starts and
+every few minutes after) removes them, whichever worker left them in a
+workdir that several share. A tree is made under a name the sweep leaves
+alone (``.new-<id>``), locked, and only then renamed to its attempt, so there
+is no moment at which a live tree has its name and no lock.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# what a sweep may remove, when no live worker holds it: an attempt's tree, a kept
+# one, one a sweep was removing; a tree still being made only once it is this old
+_SWEPT = re.compile(r"[0-9]+|\.kept-[0-9a-f]+|\.stale-[0-9a-f]+")
+_MAKING = re.compile(r"\.new-[0-9a-f]+")
+MAKING_GRACE_SECONDS = 600.0
+SWEEP_SECONDS = 300.0  # how often a running worker sweeps again
 
 
 class Janitor:
@@ -34,12 +56,17 @@ class Janitor:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[Path] = queue.Queue()
+        self._queue: queue.Queue[Callable[[], None]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def remove(self, path: Path) -> None:
-        self._queue.put(path)
+    def remove(self, path: Path, lock: int | None = None) -> None:
+        """Remove the tree at ``path``; then close ``lock``, the fd that held it."""
+        self.call(lambda: _remove(path, lock))
+
+    def call(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the janitor's thread, after the removals queued before it."""
+        self._queue.put(job)
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="janitor", daemon=True)
@@ -52,11 +79,21 @@ class Janitor:
 
     def _run(self) -> None:
         while True:
-            path = self._queue.get()
+            job = self._queue.get()
             try:
-                shutil.rmtree(path, ignore_errors=True)
+                job()
+            except Exception:  # a bug; the janitor must go on with the next job
+                log.exception("janitor")
             finally:
                 self._queue.task_done()
+
+
+def _remove(path: Path, lock: int | None) -> None:
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 JANITOR = Janitor()
@@ -67,15 +104,18 @@ class WorkTrees:
 
     Kept trees are per worker (their names are unique to it), so workers that
     share a workdir root never take each other's; :meth:`close` removes them
-    when the worker leaves. At most as many are kept as ran at once.
+    when the worker leaves. At most as many are kept as ran at once. Each tree,
+    running or kept, is held by a locked fd, closed once the tree is removed.
     """
 
     def __init__(self, janitor: Janitor = JANITOR) -> None:
         self._janitor = janitor
-        self._kept: list[Path] = []
+        self._kept: list[tuple[Path, int | None]] = []
+        self._held: dict[Path, int | None] = {}  # running attempts' trees -> their locks
         self._lock = threading.Lock()
         self._closed = False
         self._fresh: _Shape | None = None  # a new tree's, to compare a used one with
+        self._swept = 0.0  # time.monotonic() of the last sweep
 
     def make(self, root: Path) -> None:
         """Make ``root`` with empty ``logs/`` and ``work/`` (a kept tree renamed, if any).
@@ -88,19 +128,39 @@ class WorkTrees:
             with self._lock:
                 if not self._kept:
                     break
-                kept = self._kept.pop()
+                kept, lock = self._kept.pop()
             try:
                 os.rename(kept, root)
-                return
             except OSError:  # removed under us (a cleaned-up temporary root): make one
-                self._janitor.remove(kept)
-        (root / "logs").mkdir(parents=True)
-        (root / "work").mkdir()
+                self._janitor.remove(kept, lock)
+                continue
+            with self._lock:
+                self._held[root] = lock
+            return
+        new = root.with_name(f".new-{uuid.uuid4().hex[:16]}")
+        try:
+            os.mkdir(new)
+        except FileNotFoundError:  # the workdir root itself is not there yet
+            root.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(new)
+        lock = None
+        try:
+            (new / "logs").mkdir()
+            (new / "work").mkdir()
+            lock = _hold(new)
+            os.rename(new, root)
+        except OSError:
+            self._janitor.remove(new, lock)
+            raise
+        with self._lock:
+            self._held[root] = lock
         if self._fresh is None:
             self._fresh = _shape(root)
 
     def done(self, root: Path, *, reusable: bool) -> None:
         """``root``'s attempt has ended: keep its tree if ``reusable`` and clean, else remove it."""
+        with self._lock:
+            lock = self._held.pop(root, None)
         if reusable and self._fresh is not None and _clean(root, self._fresh):
             kept = root.with_name(f".kept-{uuid.uuid4().hex[:16]}")
             try:
@@ -110,19 +170,123 @@ class WorkTrees:
             else:
                 with self._lock:
                     if not self._closed:
-                        self._kept.append(kept)
+                        self._kept.append((kept, lock))
                         return
                 root = kept
-        self._janitor.remove(root)
+        self._janitor.remove(root, lock)
 
     def close(self) -> None:
         """At worker exit: remove every kept tree, and wait until the janitor has removed
         every tree handed to it; a tree that ends later goes to the janitor too."""
         with self._lock:
             kept, self._kept, self._closed = self._kept, [], True
-        for path in kept:
-            self._janitor.remove(path)
+        for path, lock in kept:
+            self._janitor.remove(path, lock)
         self._janitor.flush()
+
+    def sweep(self, workdir: Path, *, every: float = 0.0) -> None:
+        """Remove, on the janitor's thread, the trees in ``workdir`` that no live worker
+        holds: those of workers that died (killed, out of memory, the host rebooted).
+
+        With ``every``, only if the last sweep is at least that many seconds ago.
+        Entries that are not trees of attempts are left alone.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if every and self._swept and now - self._swept < every:
+                return
+            self._swept = now
+        self._janitor.call(lambda: _sweep(workdir))
+
+
+def _hold(path: Path) -> int | None:
+    """A locked fd on the directory ``path``, or None where it cannot be locked (a
+    filesystem without flock): such a tree is never swept, as no sweep can lock it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        log.debug("cannot lock %s (%s): a dead worker's trees here are not swept", path, exc)
+        return None
+    return fd
+
+
+# filesystems whose flock is this kernel's alone: on a network filesystem a lock may
+# not reach the other hosts that share a workdir there (NFS mounted local_lock=flock),
+# whose live trees a sweep would then remove; there, and on any other, nothing is swept
+LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs",
+                               "bcachefs", "jfs", "reiserfs", "overlay", "zfs"})
+
+
+def filesystem_of(path: Path, mountinfo: str) -> str:
+    """The type of the filesystem that holds ``path`` (absolute, resolved), by the mount
+    table ``mountinfo`` (/proc/self/mountinfo's text); "" if none holds it."""
+    best, kind = -1, ""
+    for line in mountinfo.splitlines():
+        fields, sep, rest = line.partition(" - ")
+        parts = fields.split()
+        if not sep or len(parts) < 5 or not rest:
+            continue
+        # the mount point, with " ", "\t", "\n" and "\\" escaped in octal
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+        if path.is_relative_to(point) and len(point) >= best:
+            best, kind = len(point), rest.split()[0]
+    return kind
+
+
+def _sweep(workdir: Path) -> None:
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return
+    kind = filesystem_of(workdir.resolve(), mountinfo)
+    if kind not in LOCAL_FILESYSTEMS:
+        log.debug("%s is on %s, where a lock may not be seen by other hosts: not swept",
+                  workdir, kind or "an unknown filesystem")
+        return
+    try:
+        with os.scandir(workdir) as entries:
+            names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:  # not there (yet), or unreadable: nothing to sweep
+        return
+    swept = 0
+    for name in names:
+        if _SWEPT.fullmatch(name) or _MAKING.fullmatch(name):
+            swept += _sweep_one(workdir / name, making=name.startswith(".new-"))
+    if swept:
+        log.info("removed %d work director%s left by workers that died, in %s", swept,
+                 "y" if swept == 1 else "ies", workdir)
+
+
+def _sweep_one(path: Path, *, making: bool) -> bool:
+    """Remove ``path`` if no one holds it (and, for a tree being made, it is old)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # gone meanwhile, or not a directory
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live worker (or no locks here): not ours to remove
+            return False
+        st = os.fstat(fd)
+        if making and time.time() - st.st_ctime < MAKING_GRACE_SECONDS:
+            return False
+        # out of the way first, then checked: should the owner of an attempt id have
+        # made its tree anew under this name meanwhile, that tree is put back
+        gone = path.with_name(f".stale-{uuid.uuid4().hex[:16]}")
+        os.rename(path, gone)
+        moved = os.lstat(gone)
+        if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+            os.rename(gone, path)
+            return False
+        shutil.rmtree(gone, ignore_errors=True)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 # mode, owner and group of the root, logs/ and work/, by lstat (a symlink is not a directory)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,11 @@ import pytest
 
 from protocol.messages import Assignment, Result
 from protocol.settings import WorkerSettings
+from worker import workdirs
 from worker.attempt import AttemptEnv, run_attempt
 from worker.workdirs import JANITOR, WorkTrees
+
+ROOT = Path(__file__).resolve().parents[2]
 
 _ids = itertools.count(9000)
 
@@ -117,6 +123,106 @@ def test_closing_removes_the_kept_trees_and_those_ending_later(tmp_path: Path,
     trees.done(tmp_path / "b", reusable=True)  # a slot that outlived the worker's wait
     JANITOR.flush()
     assert os.listdir(tmp_path) == []
+
+
+# a worker's trees in another process: one running (41), one kept; then it waits
+HOLDER = """
+import sys
+from pathlib import Path
+from worker.workdirs import WorkTrees
+root = Path(sys.argv[1])
+trees = WorkTrees()
+trees.make(root / "41")
+trees.make(root / "42")
+trees.done(root / "42", reusable=True)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def sweep(trees: WorkTrees, workdir: Path) -> list[str]:
+    trees.sweep(workdir)
+    JANITOR.flush()
+    return sorted(os.listdir(workdir))
+
+
+def test_a_sweep_removes_the_trees_of_a_worker_that_died_and_only_those(
+        tmp_path: Path, trees: WorkTrees, monkeypatch: pytest.MonkeyPatch) -> None:
+    workdir = tmp_path / "work"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir)], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        theirs = sorted(os.listdir(workdir))
+        assert len(theirs) == 2 and theirs[0].startswith(".kept-") and theirs[1] == "41"
+        trees.make(workdir / "43")  # this process's own, running
+        (workdir / "notes").mkdir()  # not an attempt's: never swept
+        (workdir / "7").write_text("a file, not a tree")
+        os.symlink(tmp_path, workdir / "8")
+        made = workdir / ".new-0123abcd"  # a tree being made, not yet locked
+        (made / "work").mkdir(parents=True)
+        everything = sorted([*theirs, "43", "notes", "7", "8", made.name])
+        assert sweep(trees, workdir) == everything  # every tree is held, or being made
+
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(60)
+        assert sweep(trees, workdir) == sorted(["43", "notes", "7", "8", made.name])
+        assert (tmp_path / "work").is_dir()  # the symlink was not followed
+        monkeypatch.setattr(workdirs, "MAKING_GRACE_SECONDS", 0.0)
+        assert sweep(trees, workdir) == ["43", "7", "8", "notes"]  # made long ago, say
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(60)
+        if holder.stdout is not None:
+            holder.stdout.close()
+        if holder.stdin is not None:
+            holder.stdin.close()
+    trees.done(workdir / "43", reusable=False)
+    assert sweep(trees, workdir) == ["7", "8", "notes"]
+
+
+def test_a_kept_tree_survives_sweeps_and_is_reused(tmp_path: Path, trees: WorkTrees) -> None:
+    trees.make(tmp_path / "1")
+    inode = (tmp_path / "1").stat().st_ino
+    trees.done(tmp_path / "1", reusable=True)
+    assert sweep(trees, tmp_path) == kept(tmp_path) != []
+    trees.make(tmp_path / "2")
+    assert sweep(trees, tmp_path) == ["2"] and (tmp_path / "2").stat().st_ino == inode
+    trees.sweep(tmp_path, every=3600)  # swept a moment ago: not again
+    trees.done(tmp_path / "2", reusable=False)
+    JANITOR.flush()
+    assert os.listdir(tmp_path) == []
+
+
+MOUNTS = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+31 27 0:40 / /home rw,relatime shared:5 - nfs4 server:/home rw,vers=4.2
+32 31 0:41 / /home/a\\040b rw,relatime - tmpfs tmpfs rw
+33 31 0:42 / /home/a\\040b rw,relatime - xfs /dev/vdb rw
+"""
+
+
+def test_the_filesystem_of_a_workdir_is_read_from_the_mount_table() -> None:
+    def of(path: str) -> str:
+        return workdirs.filesystem_of(Path(path), MOUNTS)
+
+    assert of("/srv/work") == "ext4"
+    assert of("/home/u/.ecloud/work") == "nfs4"
+    assert of("/homework") == "ext4"  # not under /home
+    assert of("/home/a b/work") == "xfs"  # the later of two mounts on one point
+    assert of("/proc/1") == "proc"
+    assert workdirs.filesystem_of(Path("/x"), "garbage\n") == ""
+
+
+def test_no_sweep_where_a_lock_may_not_reach_other_hosts(
+        tmp_path: Path, trees: WorkTrees, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "5" / "work").mkdir(parents=True)  # held by no one
+    monkeypatch.setattr(workdirs, "LOCAL_FILESYSTEMS", frozenset())  # as on NFS
+    assert sweep(trees, tmp_path) == ["5"]
+    monkeypatch.undo()
+    assert sweep(trees, tmp_path) == []
 
 
 def run(env: AttemptEnv, command: str) -> Result:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,3 +183,18 @@ def test_results_finished_while_a_report_is_on_its_way_go_in_one_call(
 
 def _results(call: object) -> int:
     return len(call.results) if isinstance(call, calls.CompleteMany) else 1
+
+
+def test_a_worker_removes_the_trees_that_dead_workers_left(served: tuple[Boss, Server],
+                                                           tmp_path: Path) -> None:
+    boss, server = served
+    workdir = Path(boss.settings.worker.workdir)
+    (workdir / "99" / "work").mkdir(parents=True)  # no live worker holds it
+    (workdir / "99" / "work" / "half-written").write_text("x")
+    (workdir / "keep-me").mkdir()  # not an attempt's tree
+    push(boss, tmp_path, [task("t")])
+    _, thread, out = start_worker(boss, server, burst=True)
+    thread.join(BOUND)
+    assert not thread.is_alive()
+    assert out[0].succeeded == 1
+    assert os.listdir(workdir) == ["keep-me"]
