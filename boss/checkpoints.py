@@ -24,9 +24,12 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import event
+
+if TYPE_CHECKING:
+    from boss.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +40,13 @@ RESTART_WAIT = 0.1  # seconds a RESTART checkpoint waits for the writer at most
 
 
 class Checkpointer:
-    """Checkpoint the SQLite database of ``engine`` from a thread (start, then stop)."""
+    """Checkpoint the SQLite database of ``store`` from a thread (start, then stop)."""
 
-    def __init__(self, engine: Engine, every: float = EVERY) -> None:
-        self.engine = engine
+    def __init__(self, store: Store, every: float = EVERY) -> None:
+        self.store = store
+        self.engine = store.engine
         self.every = every
-        self.path = engine.url.database
+        self.path = store.engine.url.database
         self.runs = 0  # checkpoints that ran (the tests read it)
         self._failing = False  # said once, not every round
         self._stop = threading.Event()
@@ -52,7 +56,7 @@ class Checkpointer:
     def start(self) -> None:
         """From now on the engine's new connections leave checkpoints to this thread."""
         event.listen(self.engine, "connect", _backstop)
-        self.engine.dispose()  # the pooled ones are made again, with the setting
+        self.store.close()  # its connections are made again, with the setting
         self._thread.start()
 
     def stop(self) -> None:
@@ -60,7 +64,7 @@ class Checkpointer:
         if self._thread.is_alive():
             self._thread.join(30)
         event.remove(self.engine, "connect", _backstop)
-        self.engine.dispose()  # connections made from now on checkpoint by themselves
+        self.store.close()  # connections made from now on checkpoint by themselves
 
     def _loop(self) -> None:
         assert self.path is not None

@@ -90,7 +90,7 @@ class Server:
         self.boss.settings.boss.listen = f"{self.host}:{self.port}"
         engine = self.boss.store.engine
         if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-            self.checkpoints = Checkpointer(engine)
+            self.checkpoints = Checkpointer(self.boss.store)
             self.checkpoints.start()
         self._reaper = asyncio.create_task(self._reap())
         if self.scaler is not None:

@@ -171,7 +171,7 @@ def test_pops_and_completes_of_a_batch_take_a_statement_per_kind_of_row(
         def trace(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.set_trace_callback(statements.append)
 
-        boss.store.engine.dispose()  # connections made from now on are traced
+        boss.store.close()  # every connection closed: those made from now on are traced
         out = boss.apply([calls.CompleteAndPop(w, ok(a.attempt_id), (), 1)
                           for w, a in zip(ws, held, strict=True)])
         assert all(e is not None and p is not None and len(p.tasks) == 1 for e, p in out)
