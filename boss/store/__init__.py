@@ -9,6 +9,7 @@ here into :class:`boss.errors.DatabaseError`, never leaked.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +21,11 @@ from boss import db
 from boss.errors import DatabaseError, NotInitialised
 from boss.store import fast
 
+# a held connection idle this long goes back through the pool before its next
+# transaction, and the pool pings it (PostgreSQL): a server restarted while the boss
+# was quiet costs no failed transaction
+HELD_IDLE_SECONDS = 1.0
+
 
 class Store:
     def __init__(self, engine: Engine) -> None:
@@ -27,6 +33,7 @@ class Store:
         self.dialect = engine.dialect.name
         self._held: Connection | None = None  # the write transactions' connection
         self._held_lock = threading.Lock()
+        self._held_since = 0.0  # time.monotonic() at the end of its last transaction
         if self.dialect == "postgresql":
             fast.serve_pipelines(engine)
 
@@ -43,6 +50,8 @@ class Store:
         out of the pool for each: the checkout, a new ``Connection`` and its
         return to the pool were a sixth of the boss's CPU per group commit
         (benchmark 3). A thread that finds it in use gets a connection of its own.
+        Under load a server restart fails one transaction on it (the RPC server retries
+        it); after a quiet second the pool's ping finds the connection gone first.
         """
         if not self._held_lock.acquire(blocking=False):
             with self._translate(), self.engine.begin() as conn:
@@ -51,11 +60,15 @@ class Store:
         try:
             with self._translate():
                 held = self._held
-                if held is None or held.invalidated or held.closed:
+                if (held is None or held.invalidated or held.closed
+                        or time.monotonic() - self._held_since > HELD_IDLE_SECONDS):
                     self._drop_held()
                     held = self._held = self.engine.connect()
-                with held.begin():
-                    yield held
+                try:
+                    with held.begin():
+                        yield held
+                finally:
+                    self._held_since = time.monotonic()
         finally:
             self._held_lock.release()
 
