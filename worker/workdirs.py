@@ -31,6 +31,7 @@ import os
 import queue
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -253,14 +254,17 @@ def _sweep(workdir: Path) -> None:
     swept = 0
     for name in names:
         if _SWEPT.fullmatch(name) or _MAKING.fullmatch(name):
-            swept += _sweep_one(workdir / name, making=name.startswith(".new-"))
+            swept += _sweep_one(workdir / name, making=name.startswith(".new-"),
+                                attempt=name.isdigit())
     if swept:
         log.info("removed %d work director%s left by workers that died, in %s", swept,
                  "y" if swept == 1 else "ies", workdir)
 
 
-def _sweep_one(path: Path, *, making: bool) -> bool:
-    """Remove ``path`` if no one holds it (and, for a tree being made, it is old)."""
+def _sweep_one(path: Path, *, making: bool, attempt: bool) -> bool:
+    """Remove ``path`` if no one holds it (and, for a tree being made, it is old; for an
+    attempt's, it has the ``logs/`` and ``work/`` of one: a workdir shared with other
+    data may hold a directory named by a number that is none of ecloud's)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:  # gone meanwhile, or not a directory
@@ -272,6 +276,9 @@ def _sweep_one(path: Path, *, making: bool) -> bool:
             return False
         st = os.fstat(fd)
         if making and time.time() - st.st_ctime < MAKING_GRACE_SECONDS:
+            return False
+        if attempt and not all(stat.S_ISDIR(os.lstat(path / d).st_mode)
+                               for d in ("logs", "work")):
             return False
         # out of the way first, then checked: should the owner of an attempt id have
         # made its tree anew under this name meanwhile, that tree is put back

@@ -48,7 +48,7 @@ class Store:
         The write transactions run on one connection held open between them
         (the boss's database thread runs nearly all of them), not on one checked
         out of the pool for each: the checkout, a new ``Connection`` and its
-        return to the pool were a sixth of the boss's CPU per group commit
+        return to the pool were a sixth of the boss's Python time per group commit
         (benchmark 3). A thread that finds it in use gets a connection of its own.
         Under load a server restart fails one transaction on it (the RPC server retries
         it); after a quiet second the pool's ping finds the connection gone first.

@@ -157,19 +157,20 @@ def test_a_sweep_removes_the_trees_of_a_worker_that_died_and_only_those(
         assert len(theirs) == 2 and theirs[0].startswith(".kept-") and theirs[1] == "41"
         trees.make(workdir / "43")  # this process's own, running
         (workdir / "notes").mkdir()  # not an attempt's: never swept
+        (workdir / "2024" / "work").mkdir(parents=True)  # named by a number, but no logs/
         (workdir / "7").write_text("a file, not a tree")
         os.symlink(tmp_path, workdir / "8")
         made = workdir / ".new-0123abcd"  # a tree being made, not yet locked
         (made / "work").mkdir(parents=True)
-        everything = sorted([*theirs, "43", "notes", "7", "8", made.name])
+        everything = sorted([*theirs, "2024", "43", "notes", "7", "8", made.name])
         assert sweep(trees, workdir) == everything  # every tree is held, or being made
 
         holder.send_signal(signal.SIGKILL)
         holder.wait(60)
-        assert sweep(trees, workdir) == sorted(["43", "notes", "7", "8", made.name])
+        assert sweep(trees, workdir) == sorted(["2024", "43", "notes", "7", "8", made.name])
         assert (tmp_path / "work").is_dir()  # the symlink was not followed
         monkeypatch.setattr(workdirs, "MAKING_GRACE_SECONDS", 0.0)
-        assert sweep(trees, workdir) == ["43", "7", "8", "notes"]  # made long ago, say
+        assert sweep(trees, workdir) == ["2024", "43", "7", "8", "notes"]  # made long ago
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -179,7 +180,7 @@ def test_a_sweep_removes_the_trees_of_a_worker_that_died_and_only_those(
         if holder.stdin is not None:
             holder.stdin.close()
     trees.done(workdir / "43", reusable=False)
-    assert sweep(trees, workdir) == ["7", "8", "notes"]
+    assert sweep(trees, workdir) == ["2024", "7", "8", "notes"]
 
 
 def test_a_kept_tree_survives_sweeps_and_is_reused(tmp_path: Path, trees: WorkTrees) -> None:
@@ -218,7 +219,8 @@ def test_the_filesystem_of_a_workdir_is_read_from_the_mount_table() -> None:
 
 def test_no_sweep_where_a_lock_may_not_reach_other_hosts(
         tmp_path: Path, trees: WorkTrees, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "5" / "work").mkdir(parents=True)  # held by no one
+    for sub in ("logs", "work"):
+        (tmp_path / "5" / sub).mkdir(parents=True)  # held by no one
     monkeypatch.setattr(workdirs, "LOCAL_FILESYSTEMS", frozenset())  # as on NFS
     assert sweep(trees, tmp_path) == ["5"]
     monkeypatch.undo()

@@ -189,7 +189,8 @@ def test_a_worker_removes_the_trees_that_dead_workers_left(served: tuple[Boss, S
                                                            tmp_path: Path) -> None:
     boss, server = served
     workdir = Path(boss.settings.worker.workdir)
-    (workdir / "99" / "work").mkdir(parents=True)  # no live worker holds it
+    (workdir / "99" / "logs").mkdir(parents=True)  # no live worker holds it
+    (workdir / "99" / "work").mkdir()
     (workdir / "99" / "work" / "half-written").write_text("x")
     (workdir / "keep-me").mkdir()  # not an attempt's tree
     push(boss, tmp_path, [task("t")])
