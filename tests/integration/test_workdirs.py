@@ -190,10 +190,13 @@ def test_a_kept_tree_survives_sweeps_and_is_reused(tmp_path: Path, trees: WorkTr
     assert sweep(trees, tmp_path) == kept(tmp_path) != []
     trees.make(tmp_path / "2")
     assert sweep(trees, tmp_path) == ["2"] and (tmp_path / "2").stat().st_ino == inode
-    trees.sweep(tmp_path, every=3600)  # swept a moment ago: not again
-    trees.done(tmp_path / "2", reusable=False)
+    for sub in ("logs", "work"):
+        (tmp_path / "3" / sub).mkdir(parents=True)  # a dead worker's, left just now
+    trees.sweep(tmp_path, every=3600)  # swept a moment ago: not again yet
     JANITOR.flush()
-    assert os.listdir(tmp_path) == []
+    assert sorted(os.listdir(tmp_path)) == ["2", "3"]
+    trees.done(tmp_path / "2", reusable=False)
+    assert sweep(trees, tmp_path) == []
 
 
 MOUNTS = """\
