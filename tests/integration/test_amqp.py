@@ -33,6 +33,7 @@ end of its log.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -499,3 +501,81 @@ def test_stopping_during_the_handshake_with_a_silent_broker_is_quiet_and_closes(
             pass
     assert took < 5
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+class Freezer:
+    """A TCP relay to the broker for one connection that can stop passing the broker's
+    bytes on (``frozen``), as a broker that hangs; it notes when the client closes."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(WAIT_SECONDS)
+        self.port = self.listener.getsockname()[1]
+        self.upstream = port
+        self.frozen = threading.Event()
+        self.client_closed = threading.Event()
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._socks: list[socket.socket] = []
+        self._threads.append(threading.Thread(target=self._accept, daemon=True))
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        client, _ = self.listener.accept()
+        broker = socket.create_connection(("127.0.0.1", self.upstream), timeout=WAIT_SECONDS)
+        self._socks += [client, broker]
+        for src, dst, ends in ((client, broker, self.client_closed), (broker, client, None)):
+            src.settimeout(0.2)
+            t = threading.Thread(target=self._pass, args=(src, dst, ends), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _pass(self, src: socket.socket, dst: socket.socket, ends: threading.Event | None
+              ) -> None:
+        deadline = time.monotonic() + 4 * WAIT_SECONDS
+        while not self._done.is_set() and time.monotonic() < deadline:
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                if ends is not None:
+                    ends.set()
+                return
+            if src is self._socks[1] and self.frozen.is_set():
+                continue  # the broker's answer is lost: it hangs, as far as the client sees
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._done.set()
+        for t in self._threads:
+            t.join(WAIT_SECONDS)
+        for sock in [*self._socks, self.listener]:
+            sock.close()
+
+
+def test_stopping_while_the_broker_does_not_answer_the_close_drops_the_socket(
+        broker: Broker, sqlite_boss: Boss) -> None:
+    """The publisher's stop gives up on a close the broker never answers, after its drain;
+    its socket is closed then and there, not left to the collector (whose finding it,
+    later, is a ResourceWarning in whatever runs at that moment)."""
+    relay = Freezer(broker.port)
+    pub = publisher(sqlite_boss, f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F",
+                    "ecloud.frozen")
+    gc.disable()  # the connection's cycles must not be what closes the socket
+    try:
+        pub.start()
+        try:
+            wait_for(lambda: pub.connected, WAIT_SECONDS)
+            relay.frozen.set()
+        finally:
+            pub.stop(timeout=WAIT_SECONDS, drain=0.2)
+        assert relay.client_closed.wait(WAIT_SECONDS)
+    finally:
+        gc.enable()
+        relay.close()
