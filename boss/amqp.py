@@ -535,13 +535,16 @@ def _drop(connection: Any) -> None:
     """Close the socket of a connection whose loop stopped before the connection did
     (a stop whose drain ran out while the broker did not answer the close): left to
     itself, the socket stays open until the collector finds the connection's cycles.
-    pika has no public call for it; this is what its own aborts call."""
+    pika has no public call for it, and its abort completes only on a running loop,
+    which would also run this publisher's pending timers: the socket is closed here."""
+    sock = getattr(getattr(connection, "_transport", None), "_sock", None)
+    if sock is None:  # pika's internals moved: the socket goes with the object
+        log.debug("events: no socket found to close on the AMQP connection")
+        return
     try:
-        connection._adapter_disconnect_stream()  # completes on the loop: _on_closed
-        connection.ioloop.call_later(1.0, connection.ioloop.stop)
-        connection.ioloop.start()
-    except Exception as exc:  # pika's internals moved: the socket goes with the object
-        log.debug("events: dropping the AMQP connection: %r", exc)
+        sock.close()
+    except OSError as exc:
+        log.debug("events: closing the AMQP connection's socket: %s", exc)
 
 
 def _describe(error: BaseException | str) -> str:
