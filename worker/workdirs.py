@@ -40,10 +40,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# what a sweep may remove, when no live worker holds it: an attempt's tree, a kept
-# one, one a sweep was removing; a tree still being made only once it is this old
-_SWEPT = re.compile(r"[0-9]+|\.kept-[0-9a-f]+|\.stale-[0-9a-f]+")
-_MAKING = re.compile(r"\.new-[0-9a-f]+")
+# what a sweep may remove, when no live worker holds it: an attempt's tree (if it has
+# an attempt's logs/ and work/), a kept one, one a sweep was removing, and a tree still
+# being made once it is MAKING_GRACE_SECONDS old
+_SWEPT = re.compile(r"(?P<attempt>[0-9]+)|(?P<making>\.new-[0-9a-f]+)"
+                    r"|\.kept-[0-9a-f]+|\.stale-[0-9a-f]+")
 MAKING_GRACE_SECONDS = 600.0
 SWEEP_SECONDS = 300.0  # how often a running worker sweeps again
 
@@ -200,16 +201,25 @@ class WorkTrees:
         self._janitor.call(lambda: _sweep(workdir))
 
 
-def _hold(path: Path) -> int | None:
-    """A locked fd on the directory ``path``, or None where it cannot be locked (a
-    filesystem without flock): such a tree is never swept, as no sweep can lock it."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _lock(path: Path) -> int | None:
+    """An fd on the directory ``path`` (not a symlink) holding its exclusive lock, or
+    None when it cannot have it: another holds it, or the filesystem has no flock.
+    Raises OSError when ``path`` cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+    except OSError:
         os.close(fd)
-        log.debug("cannot lock %s (%s): a dead worker's trees here are not swept", path, exc)
         return None
+    return fd
+
+
+def _hold(path: Path) -> int | None:
+    """The lock of a tree this worker made, or None where it cannot be locked (a
+    filesystem without flock): such a tree is never swept, as no sweep can lock it."""
+    fd = _lock(path)
+    if fd is None:
+        log.debug("cannot lock %s: a dead worker's trees here are not swept", path)
     return fd
 
 
@@ -253,9 +263,10 @@ def _sweep(workdir: Path) -> None:
         return
     swept = 0
     for name in names:
-        if _SWEPT.fullmatch(name) or _MAKING.fullmatch(name):
-            swept += _sweep_one(workdir / name, making=name.startswith(".new-"),
-                                attempt=name.isdigit())
+        match = _SWEPT.fullmatch(name)
+        if match:
+            swept += _sweep_one(workdir / name, making=match["making"] is not None,
+                                attempt=match["attempt"] is not None)
     if swept:
         log.info("removed %d work director%s left by workers that died, in %s", swept,
                  "y" if swept == 1 else "ies", workdir)
@@ -266,14 +277,12 @@ def _sweep_one(path: Path, *, making: bool, attempt: bool) -> bool:
     attempt's, it has the ``logs/`` and ``work/`` of one: a workdir shared with other
     data may hold a directory named by a number that is none of ecloud's)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = _lock(path)
     except OSError:  # gone meanwhile, or not a directory
         return False
+    if fd is None:  # held by a live worker (or no locks here): not ours to remove
+        return False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held by a live worker (or no locks here): not ours to remove
-            return False
         st = os.fstat(fd)
         if making and time.time() - st.st_ctime < MAKING_GRACE_SECONDS:
             return False
