@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import Cell, Report, print_report  # noqa: E402
-from worker.workdirs import Janitor, WorkTrees  # noqa: E402
+from worker.workdirs import Janitor, WorkTrees, filesystem_type  # noqa: E402
 
 NAME = "work_trees"
 TINY_ARGS = ["--count", "50", "--repeat", "1"]
@@ -128,28 +128,13 @@ def run(argv: list[str]) -> Report:
                      "cpu ms (median)": statistics.median(cpus),
                      "wall ms min-max": f"{min(walls):.3f}-{max(walls):.3f}"})
     fs = os.statvfs(args.dir)
+    kind = filesystem_type(args.dir) or "unknown"
     return {"title": f"{NAME}: per operation, {args.count:,} operations x {args.repeat} "
                      f"round(s) under {args.dir.resolve()}",
             "columns": ["operation", "wall ms (median)", "cpu ms (median)", "wall ms min-max"],
             "rows": rows,
-            "notes": [f"filesystem: {_fstype(args.dir)}, block size {fs.f_bsize}",
+            "notes": [f"filesystem: {kind}, block size {fs.f_bsize}",
                       "cpu ms is this process's, kernel time included (what the worker pays)"]}
-
-
-def _fstype(path: Path) -> str:
-    """The type of the filesystem holding ``path``, from /proc/mounts (longest mount point)."""
-    real = os.path.realpath(path)
-    best, kind = "", "unknown"
-    try:
-        with open("/proc/mounts", encoding="utf-8") as mounts:
-            for line in mounts:
-                parts = line.split()
-                if len(parts) >= 3 and (real == parts[1] or real.startswith(
-                        parts[1].rstrip("/") + "/")) and len(parts[1]) > len(best):
-                    best, kind = parts[1], parts[2]
-    except OSError:
-        pass
-    return kind
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -246,12 +246,18 @@ def filesystem_of(path: Path, mountinfo: str) -> str:
     return kind
 
 
-def _sweep(workdir: Path) -> None:
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem that holds ``path`` ("" if the mount table cannot be
+    read or none holds it)."""
     try:
         mountinfo = Path("/proc/self/mountinfo").read_text()
     except OSError:
-        return
-    kind = filesystem_of(workdir.resolve(), mountinfo)
+        return ""
+    return filesystem_of(path.resolve(), mountinfo)
+
+
+def _sweep(workdir: Path) -> None:
+    kind = filesystem_type(workdir)
     if kind not in LOCAL_FILESYSTEMS:
         log.debug("%s is on %s, where a lock may not be seen by other hosts: not swept",
                   workdir, kind or "an unknown filesystem")
